@@ -1,0 +1,14 @@
+# The CPU default, written out: `python train.py` with no arguments runs exactly this (train.py's defaults).
+# Copy this file to start your own config; every key here is a train.py global.
+out_dir = 'out'
+d_model = 256
+n_layer = 6
+n_head = 8
+n_kv_head = 4
+d_ff = 768
+ffn = 'modality'
+block_size = 256
+batch_size = 16
+max_iters = 600
+learning_rate = 1e-3
+shift = 3.0
