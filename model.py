@@ -1,0 +1,314 @@
+"""
+The interleaved decoder: one Llama-style transformer over text tokens and continuous visual latents
+(Transfusion recipe, PAPER.md §1-§5).
+
+    text token  -> token embedding
+    latent slot -> linear in-projection of z_t  + learned slot position  + timestep embedding of its block's t
+    all tokens  -> N x [RMSNorm -> attention (hybrid mask, RoPE, GQA) -> RMSNorm -> FFN (dense | per modality)]
+    text        -> LM head -> next-token cross-entropy
+    latent      -> linear out-projection -> v_pred (or x0_pred) -> flow-matching MSE (flow.py)
+    L = L_LM + flow_weight * L_flow,  flow_weight = 3 (PAPER.md §5)
+
+The hybrid mask, as one rule on two per-token ids (DESIGN.md "Mask as data"):
+    query q may see key k  iff  doc[q] == doc[k]  and  (k <= q  or  (block[q] == block[k] >= 0))
+Text is causal; the latents of one image (or video frame) see each other both ways; images are causal in
+order; nothing crosses a document boundary. The same rule drives the SDPA boolean mask and flex's mask_mod.
+
+Time conditioning: a timestep embedding is added to the latent tokens only (as Transfusion does), never to
+text, so with one t per block no noise level leaks onto shared text. Context images carry t = 1 (clean).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flow
+
+# -----------------------------------------------------------------------------
+# the hybrid mask
+
+
+def dense_mask(doc, block):
+    """doc, block: (B, T) -> bool (B, 1, T, T), True where attention is allowed."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    same_block = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+    return (same_doc & (causal | same_block))[:, None]
+
+
+def flex_block_mask(doc, block):
+    """The same rule as a flex_attention BlockMask (fully masked tiles are skipped by the kernel)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        same_block = (block[b, q] == block[b, k]) & (block[b, q] >= 0)
+        return (doc[b, q] == doc[b, k]) & ((k <= q) | same_block)
+
+    B, T = doc.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """flex_attention, compiled on CUDA (its fast path); eager elsewhere (forward only on CPU)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+# -----------------------------------------------------------------------------
+# layers
+
+
+def rope_tables(head_dim, max_pos, base):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(max_pos).float(), inv_freq)  # (max_pos, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd); cos/sin (B, 1, T, hd/2): rotate the two halves of each head as complex pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, T_cached + T, hd)
+        if mask is None:  # a cached step: the new tokens may see every key (see KVCache)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        elif isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            y = flex_attention(q, k, v, mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ModalityFFN(nn.Module):
+    """A text FFN and a vision FFN; each token goes through its own modality's (PAPER.md §1: 2.3B total,
+    1.5B active). Boolean indexing keeps the compute at one FFN per token."""
+
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.text = SwiGLU(d_model, d_ff)
+        self.vision = SwiGLU(d_model, d_ff)
+
+    def forward(self, x, modality):
+        is_lat = modality == 1
+        out = torch.empty_like(x)
+        out[~is_lat] = self.text(x[~is_lat])
+        out[is_lat] = self.vision(x[is_lat])
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff) if cfg.ffn == 'dense' else ModalityFFN(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x, cos, sin, mask, modality, cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, cache, layer)
+        h = self.norm2(x)
+        return x + (self.ffn(h) if isinstance(self.ffn, SwiGLU) else self.ffn(h, modality))
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 as diffusion models do): (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    args = 1000 * t.float()[..., None] * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class KVCache:
+    """Keys and values of a prefix, per layer, for sampling one document.
+
+    A step on a non-empty cache runs either one text token or one whole visual block, so every new query
+    may see every key (the mask rule within one document) and no mask is needed. With store=False the
+    step reads the cache without growing it: the Euler steps of an image re-run the same latent slots
+    against a fixed prefix."""
+
+    def __init__(self, n_layer):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.store = True
+
+    def __len__(self):
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        if self.store:
+            self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 262      # byte tokenizer: 256 bytes + 6 specials
+    block_size: int = 256      # longest sequence (RoPE table size)
+    d_model: int = 256
+    n_layer: int = 6
+    n_head: int = 8
+    n_kv_head: int = 8         # < n_head: grouped-query attention
+    d_ff: int = 1024           # SwiGLU hidden size (the paper: 4 x d_model = 8192)
+    ffn: str = 'modality'      # dense | modality
+    d_latent: int = 48         # encoder latent dim
+    n_latent: int = 64         # latent tokens per visual block
+    flow_target: str = 'v'     # v | x (PAPER.md §4)
+    flow_weight: float = 3.0   # lambda in L = L_LM + lambda * L_flow
+    shift: float = 0.0         # noise shift alpha; 0 = the RAE formula sqrt(N*d/4096)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    attn: str = 'auto'         # auto (flex on CUDA, SDPA elsewhere) | sdpa | flex
+
+    def __post_init__(self):
+        checks = [
+            (self.ffn in ('dense', 'modality'), f"ffn must be 'dense' or 'modality', got {self.ffn!r}"),
+            (self.flow_target in ('v', 'x'), f"flow_target must be 'v' or 'x', got {self.flow_target!r}"),
+            (self.attn in ('auto', 'sdpa', 'flex'), f"attn must be auto, sdpa or flex, got {self.attn!r}"),
+            (self.d_model % self.n_head == 0, f"d_model {self.d_model} is not divisible by n_head {self.n_head}"),
+            (self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}"),
+            ((self.d_model // self.n_head) % 2 == 0, "the head dim must be even for RoPE"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def alpha(self):
+        return self.shift if self.shift > 0 else flow.shift_alpha(self.n_latent, self.d_latent)
+
+
+class Transfusion(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.lat_in = nn.Linear(cfg.d_latent, d)
+        self.lat_pos = nn.Parameter(torch.zeros(cfg.n_latent, d))  # where a latent sits inside its image
+        self.t_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)  # untied (PAPER.md §1)
+        self.lat_out = nn.Linear(d, cfg.d_latent)
+        cos, sin = rope_tables(d // cfg.n_head, cfg.block_size, cfg.rope_base)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith(('wo.weight', 'w2.weight')):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        nn.init.normal_(self.lat_pos, std=0.02)
+        nn.init.zeros_(self.lat_out.weight)  # start by predicting zero velocity (DiT's zero-init head)
+        nn.init.zeros_(self.lat_out.bias)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, 'bias', None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def count_params(self):
+        """Total, and active per token: a token runs one of the two modality FFNs (PAPER.md §1)."""
+        total = sum(p.numel() for p in self.parameters())
+        idle = sum(p.numel() for b in self.blocks if isinstance(b.ffn, ModalityFFN) for p in b.ffn.vision.parameters())
+        return {'total': total, 'active': total - idle}
+
+    def make_mask(self, doc, block):
+        use_flex = self.cfg.attn == 'flex' or (self.cfg.attn == 'auto' and doc.is_cuda)
+        return flex_block_mask(doc, block) if use_flex else dense_mask(doc, block)
+
+    def hidden(self, tokens, modality, block, doc, pos, z, t, cache=None):
+        """Final hidden states (B, T, d). z (B, T, d_latent): latent inputs (noised or clean) at latent slots;
+        t (B, T): each latent slot's time (1 = clean). Every visual block is n_latent slots long, so a latent's
+        slot inside its block is its running count mod n_latent (a cached step passes whole blocks)."""
+        is_lat = (modality == 1).unsqueeze(-1)
+        slot = (torch.cumsum(modality, dim=1) - 1).clamp(min=0) % self.cfg.n_latent
+        x_lat = self.lat_in(z) + self.lat_pos[slot] + self.t_mlp(timestep_embedding(t, 256))
+        x = torch.where(is_lat, x_lat, self.tok_emb(tokens))                          # (B, T, d)
+        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)   # (B, 1, T, hd/2)
+        mask = self.make_mask(doc, block) if cache is None or len(cache) == 0 else None
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, mask, modality, cache, i)
+        return self.norm(x)
+
+    def forward(self, batch):
+        """The joint training loss on a packed Batch (data.py). Returns (loss, metrics).
+
+        Each target visual block draws its own t (one per image / frame, Diffusion-Forcing style);
+        context blocks stay clean (t = 1) and carry no flow loss."""
+        B, T = batch.tokens.shape
+        n_blocks = int(batch.block.max()) + 1 if batch.modality.any() else 1
+        t_block = flow.sample_t((B, n_blocks), self.cfg.alpha, device=batch.tokens.device)
+        t = torch.where(batch.lat_target, t_block.gather(1, batch.block.clamp(min=0)), 1.0)  # (B, T)
+        noise = torch.randn_like(batch.latents)
+        z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(batch.latents, noise, t), batch.latents)
+        h = self.hidden(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, z, t)
+
+        text_sel = batch.targets >= 0
+        logits = self.lm_head(h[text_sel]).float()
+        lm_loss = F.cross_entropy(logits, batch.targets[text_sel]) if text_sel.any() else logits.sum()
+
+        lat_sel = batch.lat_target
+        pred = self.lat_out(h[lat_sel]).float()
+        per_tok = flow.flow_loss(pred, batch.latents[lat_sel], noise[lat_sel], t[lat_sel], self.cfg.flow_target)
+        flow_loss = per_tok.mean() if lat_sel.any() else pred.sum()
+
+        loss = lm_loss + self.cfg.flow_weight * flow_loss
+        metrics = {'lm_loss': lm_loss.detach(), 'flow_loss': flow_loss.detach(),
+                   'n_text': text_sel.sum(), 'n_latent': lat_sel.sum()}
+        return loss, metrics
+
+    def configure_optimizer(self, lr, weight_decay, betas, device_type):
+        """AdamW; matrices decay, vectors (norms, biases) and the latent slot positions do not."""
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and n != 'lat_pos']
+        no_decay = [p for n, p in self.named_parameters() if p.dim() < 2 or n == 'lat_pos']
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == 'cuda')

@@ -1,0 +1,349 @@
+"""The test suite: `python -m pytest -q test_all.py` (CPU, a few minutes on 2 cores)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import flow
+import rae
+from model import ModelConfig, Transfusion, dense_mask, flex_block_mask
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def random_docs(rng, n_latent, d_latent, n_docs):
+    """Random documents mixing text runs and visual blocks, with random latents."""
+    docs = []
+    for _ in range(n_docs):
+        segs = []
+        for _ in range(rng.integers(1, 4)):
+            if rng.random() < 0.5:
+                segs.append(''.join(rng.choice(list('abc xyz.')) for _ in range(rng.integers(1, 12))))
+            else:
+                segs.append(data.Visual(None, bool(rng.random() < 0.5), torch.randn(n_latent, d_latent)))
+        docs.append(segs)
+    return docs
+
+
+def random_batch(seed=0, B=3, T=64, n_latent=4, d_latent=6):
+    rng = np.random.default_rng(seed)
+    tok = data.Tokenizer()
+    rows = []
+    for _ in range(B):
+        row, used = [], 0
+        for d in random_docs(rng, n_latent, d_latent, 8):
+            n = data.doc_length(d, tok, n_latent)
+            if used + n <= T:
+                row.append(d)
+                used += n
+        rows.append(row)
+    return tok, rows, data.pack(rows, tok, T, d_latent)
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=262, block_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64,
+                d_latent=6, n_latent=4, attn='sdpa')
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# -----------------------------------------------------------------------------
+# the hybrid mask
+
+def test_dense_mask_equals_brute_force_rule_on_random_packed_sequences():
+    for seed in range(5):
+        _, _, b = random_batch(seed)
+        mask = dense_mask(b.doc, b.block)
+        B, T = b.doc.shape
+        for i in range(B):
+            for q in range(T):
+                for k in range(T):
+                    same_doc = b.doc[i, q] == b.doc[i, k]
+                    same_block = b.block[i, q] == b.block[i, k] and b.block[i, q] >= 0
+                    assert bool(mask[i, 0, q, k]) == bool(same_doc and (k <= q or same_block))
+
+
+def test_mask_lets_an_image_see_itself_but_not_the_next_image_or_document():
+    _, _, b = random_batch(1)
+    mask = dense_mask(b.doc, b.block)[:, 0]
+    for i in range(b.doc.shape[0]):
+        lat = (b.block[i] >= 0).nonzero().squeeze(1)
+        for q in lat:
+            same = (b.block[i] == b.block[i, q]).nonzero().squeeze(1)
+            assert mask[i, q, same].all()                   # bidirectional inside the block
+            later_other = (torch.arange(b.doc.shape[1]) > q) & (b.block[i] != b.block[i, q])
+            assert not mask[i, q, later_other].any()        # causal across blocks and text
+
+
+def test_flex_attention_forward_matches_sdpa_on_the_same_mask():
+    torch.manual_seed(0)
+    _, _, b = random_batch(2, T=128)
+    B, T = b.doc.shape
+    q, k, v = torch.randn(B, 4, T, 8), torch.randn(B, 2, T, 8), torch.randn(B, 2, T, 8)
+    from model import flex_attention
+    with torch.no_grad():
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(b.doc, b.block),
+                                                               enable_gqa=True)
+        out = flex_attention(q, k, v, flex_block_mask(b.doc, b.block))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_forward_is_the_same_with_flex_and_sdpa():
+    torch.manual_seed(0)
+    _, _, b = random_batch(3)
+    m = Transfusion(tiny_config()).eval()
+    z, t = b.latents, torch.rand(b.doc.shape)
+    args = (b.tokens, b.modality, b.block, b.doc, b.pos, z, t)
+    with torch.no_grad():
+        h_sdpa = m.hidden(*args)
+        m.cfg.attn = 'flex'
+        h_flex = m.hidden(*args)
+    torch.testing.assert_close(h_flex, h_sdpa, atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# flow
+
+def test_noising_gives_noise_at_t0_and_data_at_t1():
+    x0, noise = torch.randn(5, 7), torch.randn(5, 7)
+    torch.testing.assert_close(flow.add_noise(x0, noise, torch.zeros(5)), noise)
+    torch.testing.assert_close(flow.add_noise(x0, noise, torch.ones(5)), x0)
+    torch.testing.assert_close(flow.add_noise(x0, noise, torch.full((5,), 0.25)), 0.75 * noise + 0.25 * x0)
+
+
+def test_v_and_x_targets_have_zero_loss_at_the_true_values():
+    x0, noise, t = torch.randn(9, 4), torch.randn(9, 4), torch.rand(9) * 0.9
+    assert flow.flow_loss(x0 - noise, x0, noise, t, 'v').abs().max() < 1e-10      # v = x0 - noise
+    assert flow.flow_loss(x0, x0, noise, t, 'x').abs().max() < 1e-10              # x-pred of the truth
+    # a wrong x-prediction costs its error divided by (1 - t), squared
+    err = flow.flow_loss(x0 + 1.0, x0, noise, t, 'x')
+    torch.testing.assert_close(err, 1 / (1 - t) ** 2)
+
+
+def test_shift_alpha_matches_the_paper():
+    assert abs(flow.shift_alpha(256, 768) - 6.93) < 0.01
+    assert abs(flow.shift_alpha(256, 1152) - 8.49) < 0.01
+    assert flow.shift_alpha(64, 64) == 1.0
+
+
+def test_shift_moves_training_times_toward_noise():
+    torch.manual_seed(0)
+    assert flow.sample_t(20000, 1.0).mean().sub(0.5).abs() < 0.01   # logit-normal is symmetric
+    assert flow.sample_t(20000, 4.0).mean() < 0.3                   # alpha > 1: mostly noisy t
+    grid = flow.sampling_grid(25, 3.0)
+    assert grid[0] == 0 and grid[-1] == 1 and (grid.diff() > 0).all()
+
+
+def test_euler_sampler_integrates_a_linear_flow_exactly():
+    # straight paths from noise to a fixed x0: v = x0 - noise is constant, so Euler is exact at any step count
+    x0, noise = torch.randn(3, 5), torch.randn(3, 5)
+    z = flow.euler_sample(lambda z, t, cond: x0 - noise, noise, steps=7, alpha=3.0)
+    torch.testing.assert_close(z, x0)
+    # the flow dz/dt = z (exponential) tells the direction: integrating from 0 to 1 multiplies by ~e
+    z = flow.euler_sample(lambda z, t, cond: z, torch.ones(1), steps=2000, alpha=1.0)
+    assert abs(z.item() - math.e) < 2e-3
+
+
+def test_cfg_extrapolates_from_unconditional_to_conditional():
+    v_c, v_u = torch.full((2,), 2.0), torch.full((2,), 1.0)
+    z = flow.euler_sample(lambda z, t, cond: v_c if cond else v_u, torch.zeros(2), steps=4, alpha=1.0,
+                          cfg_scale=3.0)
+    torch.testing.assert_close(z, torch.full((2,), 1.0 + 3.0 * (2.0 - 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# packing and tokenizers
+
+def test_pack_then_unpack_gives_back_the_documents():
+    tok, rows, b = random_batch(4)
+    for i, docs in enumerate(rows):
+        back = data.unpack(b, tok, i)
+        assert len(back) == len(docs)
+        for d0, d1 in zip(docs, back):
+            merged = []  # adjacent text runs merge in the token stream
+            for s in d0:
+                if isinstance(s, str) and merged and isinstance(merged[-1], str):
+                    merged[-1] += s
+                elif not (isinstance(s, str) and s == ''):
+                    merged.append(s)
+            assert len(merged) == len(d1)
+            for s0, s1 in zip(merged, d1):
+                if isinstance(s0, str):
+                    assert s0 == s1
+                else:
+                    assert s0.target == s1.target and torch.equal(s0.latents, s1.latents)
+
+
+def test_packing_puts_lm_targets_on_text_only_and_flow_on_target_blocks_only():
+    tok, _, b = random_batch(5)
+    has_target = b.targets >= 0
+    assert not (has_target & (b.modality == 1)).any()
+    assert not (b.lat_target & (b.modality == 0)).any()
+    assert (b.targets[b.doc < 0] == -1).all()             # no loss on padding
+    # targets are the next token within the document
+    i, j = has_target.nonzero()[0]
+    assert b.targets[i, j] == b.tokens[i, j + 1] and b.doc[i, j] == b.doc[i, j + 1]
+
+
+def test_byte_tokenizer_round_trips_and_has_specials_after_the_bytes():
+    tok = data.Tokenizer()
+    s = 'a red circle, top left. ünïcode'
+    assert tok.decode(tok.encode(s)) == s
+    assert sorted([tok.pad, tok.bos, tok.eos, tok.boi, tok.eoi, tok.img]) == list(range(256, 262))
+    assert tok.vocab_size == 262
+
+
+def test_tiktoken_tokenizer_wraps_a_bpe_encoding_without_downloading():
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b'ab'] = 256
+    enc = tiktoken.Encoding('tiny', pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
+    tok = data.Tokenizer(enc)
+    ids = tok.encode('abab c')
+    assert ids[:2] == [256, 256] and tok.decode(ids) == 'abab c'
+    assert tok.pad == 257 and tok.vocab_size == 257 + 6
+
+
+def test_mixture_spec_errors_are_clear():
+    assert data.parse_mixture('text=1,qa=3') == (['text', 'qa'], [0.25, 0.75])
+    for bad in ('text', 'video=1', 'text=-1', 'text=0'):
+        with pytest.raises(ValueError):
+            data.parse_mixture(bad)
+
+
+def test_pixel_encoder_round_trips_exactly():
+    enc = rae.PixelEncoder(32, 4)
+    x = torch.rand(4, 3, 32, 32)
+    enc.fit(x)
+    z = enc.encode(x)
+    assert z.shape == (4, 64, 48)
+    torch.testing.assert_close(enc.decode(z), x, atol=1e-6, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+def paper_config(ffn):
+    return ModelConfig(vocab_size=128256, block_size=4096, d_model=2048, n_layer=16, n_head=32, n_kv_head=8,
+                       d_ff=8192, ffn=ffn, d_latent=1152, n_latent=256)
+
+
+def test_paper_parameter_counts_dense_1_5b_and_modality_split_2_3b():
+    with torch.device('meta'):
+        dense = Transfusion(paper_config('dense')).count_params()
+        split = Transfusion(paper_config('modality')).count_params()
+    assert abs(dense['total'] / 1.50e9 - 1) < 0.02 and dense['active'] == dense['total']
+    assert abs(split['total'] / 2.30e9 - 1) < 0.02
+    assert abs(split['active'] / 1.50e9 - 1) < 0.02
+
+
+def test_bad_model_config_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match='ffn'):
+        tiny_config(ffn='moe2')
+    with pytest.raises(ValueError, match='n_kv_head'):
+        tiny_config(n_head=4, n_kv_head=3)
+
+
+def test_modality_ffn_routes_each_token_through_its_own_ffn():
+    from model import ModalityFFN
+    torch.manual_seed(0)
+    f = ModalityFFN(8, 16)
+    x = torch.randn(2, 5, 8)
+    modality = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 1]])
+    out = f(x, modality)
+    torch.testing.assert_close(out[modality == 0], f.text(x[modality == 0]))
+    torch.testing.assert_close(out[modality == 1], f.vision(x[modality == 1]))
+
+
+@pytest.mark.parametrize('target', ['v', 'x'])
+def test_tiny_model_overfits_one_batch_both_losses_fall(target):
+    torch.manual_seed(0)
+    _, _, b = random_batch(6)
+    m = Transfusion(tiny_config(flow_target=target, d_model=64))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for step in range(150):
+        torch.manual_seed(step % 4)  # the same four (t, noise) draws over and over: a fixed batch to memorise
+        loss, met = m(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if first is None:
+            first = met
+    # stated factors: the LM loss falls at least 10x (random bytes -> memorised), the flow loss at least 2x
+    assert met['lm_loss'] < first['lm_loss'] / 10
+    assert met['flow_loss'] < first['flow_loss'] / 2
+
+
+# -----------------------------------------------------------------------------
+# train.py: bad input is refused before any work starts
+
+def run_train(*args):
+    return subprocess.run([sys.executable, 'train.py', *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--no_such_key=1'], "unknown config key 'no_such_key'"),
+    (['--max_iters=abc'], "config key 'max_iters' wants int"),
+    (['config/missing.py'], "config file 'config/missing.py' does not exist"),
+    (['--max_iters'], 'must look like --key=value'),
+])
+def test_train_refuses_bad_flags_with_one_clear_sentence(args, words):
+    r = run_train(*args)
+    assert r.returncode != 0
+    assert words in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_config_default_file_states_the_train_defaults():
+    import train
+    scope = {}
+    exec(open(os.path.join(HERE, 'config', 'default.py')).read(), {}, scope)
+    for key, value in scope.items():
+        assert getattr(train, key) == value, f"config/default.py says {key}={value!r}, train.py {getattr(train, key)!r}"
+
+
+# -----------------------------------------------------------------------------
+# sampling: the KV cache changes nothing but speed
+
+class ForceBOI(torch.nn.Module):
+    """An LM head that always prefers <BOI>, so generation takes the image path every time."""
+    def __init__(self, head, boi):
+        super().__init__()
+        self.head, self.boi = head, boi
+
+    def forward(self, h):
+        logits = self.head(h)
+        return logits.index_add(-1, torch.tensor([self.boi]), torch.full((*logits.shape[:-1], 1), 1e3))
+
+
+def test_cached_and_uncached_sampling_give_the_same_tokens_and_latents():
+    import sample
+    torch.manual_seed(0)
+    tok = data.Tokenizer()
+    m = Transfusion(tiny_config(block_size=128)).eval()
+    torch.nn.init.normal_(m.lat_out.weight, std=0.5)  # a non-trivial velocity field
+    prompt = ['a red', data.Visual(None, False, torch.randn(4, 6)), 'circle']
+    ids_c, _ = sample.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=True)
+    ids_u, _ = sample.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=False)
+    assert ids_c.shape[1] > 3 and torch.equal(ids_c, ids_u)
+    z_c = sample.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=True)
+    z_u = sample.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=False)
+    torch.testing.assert_close(z_c, z_u, atol=1e-4, rtol=1e-4)
+    m.lm_head = ForceBOI(m.lm_head, tok.boi)  # interleaved: two generated images, each fed back as context
+    ids_c, imgs_c = sample.generate(m, tok, ['hi'], max_new_tokens=2, steps=3, use_cache=True)
+    ids_u, imgs_u = sample.generate(m, tok, ['hi'], max_new_tokens=2, steps=3, use_cache=False)
+    assert len(imgs_c) == len(imgs_u) == 2 and torch.equal(ids_c, ids_u)
+    for a, b in zip(imgs_c, imgs_u):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(imgs_c[0], imgs_c[1])  # the second image saw the first

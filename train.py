@@ -1,0 +1,271 @@
+"""
+Train the interleaved text + image model (nanoGPT style).
+
+    python train.py                                  # the CPU default on the embedded world
+    python train.py config/smoke.py                  # a config file ...
+    python train.py config/smoke.py --max_iters=50   # ... and --key=value overrides (type-checked)
+    torchrun --standalone --nproc_per_node=2 train.py  # DDP (gloo on CPU, nccl on CUDA)
+
+Every knob below is a module-level default. Unknown keys and values of the wrong type are refused before any
+work starts.
+"""
+
+import ast
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import torch
+
+# -----------------------------------------------------------------------------
+# defaults: the CPU run on the embedded world (config/default.py says the same, for reference)
+out_dir = 'out'
+init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
+seed = 1337
+device = 'auto'           # auto | cpu | cuda
+dtype = 'auto'            # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+# data
+tokenizer = 'byte'        # byte | a tiktoken encoding name (gpt2)
+text_source = ''          # '' = the world's text documents; else a .txt path or http(s) URL of real text
+mixture = 'text=0.3,caption2image=0.4,image2caption=0.2,qa=0.1'
+p_uncond = 0.1            # caption dropout for classifier-free guidance (PAPER.md §4)
+image_size = 32
+patch_size = 4            # pixel encoder: (32/4)^2 = 64 tokens x 48 dims
+block_size = 256
+batch_size = 16
+grad_accum = 1
+# model
+d_model = 256
+n_layer = 6
+n_head = 8
+n_kv_head = 4
+d_ff = 768
+ffn = 'modality'          # dense | modality
+flow_target = 'v'         # v | x
+flow_weight = 3.0
+shift = 3.0               # noise shift alpha; 0 = sqrt(N*d/4096) (= 0.87 for 64x48: see README)
+attn = 'auto'             # auto | sdpa | flex
+# optimiser (Transfusion's AdamW settings, PAPER.md §5)
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 50
+max_iters = 600
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# eval, logging, checkpoints
+eval_interval = 100
+eval_batches = 4
+log_interval = 10
+compile = False
+# -----------------------------------------------------------------------------
+
+
+def configure(defaults, argv):
+    """nanoGPT's configurator, with errors instead of surprises: config files are python files that assign
+    known keys; --key=value is parsed as a python literal (or kept as a string) and must match the type."""
+    def set_key(key, value, where):
+        if key not in defaults:
+            raise SystemExit(f"error: unknown config key '{key}' ({where})")
+        old = defaults[key]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(old):
+            raise SystemExit(f"error: config key '{key}' wants {type(old).__name__}, got {value!r} ({where})")
+        defaults[key] = value
+
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, val = arg[2:].partition('=')
+            if not eq:
+                raise SystemExit(f"error: flag {arg!r} must look like --key=value")
+            try:
+                value = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                value = val
+            set_key(key, value, arg)
+        else:
+            if not os.path.isfile(arg):
+                raise SystemExit(f"error: config file {arg!r} does not exist")
+            scope = {}
+            exec(open(arg).read(), {}, scope)
+            for key, value in scope.items():
+                if not key.startswith('_'):
+                    set_key(key, value, arg)
+    return defaults
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at max_iters."""
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / cfg['warmup_iters']
+    progress = min(1.0, (it - cfg['warmup_iters']) / max(1, cfg['max_iters'] - cfg['warmup_iters']))
+    return cfg['min_lr'] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg['learning_rate'] - cfg['min_lr'])
+
+
+def build(cfg, device_type='cpu'):
+    """Tokenizer, encoder, data and model config from a flat config dict (shared with sample/eval/bench)."""
+    import data
+    import rae
+    from model import ModelConfig
+    tok = data.get_tokenizer(cfg['tokenizer'])
+    encoder = data.fit_encoder(rae.PixelEncoder(cfg['image_size'], cfg['patch_size']))
+    text = data.load_text(cfg['text_source']) if cfg['text_source'] else None
+    mcfg = ModelConfig(**{f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg},
+                       vocab_size=tok.vocab_size, d_latent=encoder.d_latent, n_latent=encoder.n_tokens)
+    return tok, encoder, text, mcfg
+
+
+@torch.no_grad()
+def evaluate(model, dataset, n_batches, device, ctx):
+    """Held-out losses, each on its own document kind so the numbers do not depend on the mixture:
+    text perplexity on text documents, caption loss on image->caption, flow loss on caption->image.
+    Noise and t are drawn from a fixed seed, so evaluations at different steps are comparable."""
+    model.eval()
+    out = {}
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(0)
+        for name, kind, key in (('text', 'text=1', 'lm_loss'), ('caption', 'image2caption=1', 'lm_loss'),
+                                ('flow', 'caption2image=1', 'flow_loss')):
+            losses = []
+            for i in range(n_batches):
+                batch = dataset.get('val', i, mixture=kind).to(device)
+                with ctx:
+                    _, m = model(batch)
+                losses.append(m[key].item())
+            out[f'val_{name}_loss'] = sum(losses) / len(losses)
+    out['val_text_ppl'] = math.exp(out['val_text_loss'])
+    model.train()
+    return out
+
+
+def save_checkpoint(path, raw_model, optimizer, cfg, step, extra):
+    """Everything needed to resume; written to a temp file and renamed so a crash never leaves half a file."""
+    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': cfg,
+            'model_config': asdict(raw_model.cfg), 'step': step,
+            'rng': {'torch': torch.get_rng_state(),
+                    'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            **extra}
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    cfg = configure({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str))
+                     and not k.startswith('_')}, argv)
+    from tqdm import tqdm
+    import data
+    from model import Transfusion
+
+    # distributed setup: torchrun sets RANK / WORLD_SIZE
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group('nccl' if dev == 'cuda' else 'gloo')
+        if dev == 'cuda':
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
+    device = torch.device(dev)
+    master = rank == 0
+    dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
+    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext())
+
+    tok, encoder, text, mcfg = build(cfg, device.type)
+    dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'],
+                             seed=cfg['seed'], rank=rank, p_uncond=cfg['p_uncond'], text=text)
+    dataset.get('train', 0)  # fail on a bad mixture / block size before building anything big
+    model = Transfusion(mcfg).to(device)
+    optimizer = model.configure_optimizer(cfg['learning_rate'], cfg['weight_decay'],
+                                          (cfg['beta1'], cfg['beta2']), device.type)
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    step = 0
+    if cfg['init_from'] == 'resume':
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"error: init_from='resume' but there is no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step = ckpt['step']
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if device.type == 'cuda' and ckpt['rng']['cuda']:
+            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+    elif cfg['init_from'] == 'scratch':
+        torch.manual_seed(cfg['seed'] + rank)  # ranks draw different noise and t
+    else:
+        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    counts = model.count_params()
+    raw_model = model
+    if cfg['compile']:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    if master:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+        print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+              f"ffn={mcfg.ffn}, flow alpha={mcfg.alpha:.2f}, device={device}, dtype={dtype}, world={world}")
+        log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
+
+    def log_line(entry):
+        if master:
+            log.write(json.dumps(entry) + '\n')
+            log.flush()
+
+    tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * world
+    bar = tqdm(total=cfg['max_iters'], initial=step, disable=not master, dynamic_ncols=True)
+    t0 = time.time()
+    while True:
+        last = step == cfg['max_iters']
+        if step % cfg['eval_interval'] == 0 or last:
+            res = evaluate(raw_model, dataset, cfg['eval_batches'], device, ctx)
+            if master:
+                tqdm.write(f"step {step}: " + ', '.join(f"{k} {v:.4f}" for k, v in res.items()))
+            log_line({'step': step, **res})
+            if master and step > 0:
+                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {})
+        if last:
+            break
+
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        sums = torch.zeros(3, device=device)  # lm, flow, total (micro-step averages)
+        for micro in range(cfg['grad_accum']):
+            batch = dataset.get('train', step, micro).to(device)
+            sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
+            with (nullcontext() if sync else model.no_sync()), ctx:
+                loss, m = model(batch)
+                (loss / cfg['grad_accum']).backward()
+            sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
+        if not torch.isfinite(sums[2]):
+            raise SystemExit(f"error: loss is {sums[2].item()} at step {step}; stopping")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg['log_interval'] == 0 or step == cfg['max_iters']:
+            if ddp:
+                dist.all_reduce(sums, op=dist.ReduceOp.AVG)
+            lm, fl, total = sums.tolist()
+            dt = time.time() - t0
+            t0 = time.time()
+            bar.set_postfix(loss=f"{total:.3f}", lm=f"{lm:.3f}", flow=f"{fl:.3f}")
+            log_line({'step': step, 'loss': total, 'lm_loss': lm, 'flow_loss': fl, 'lr': lr,
+                      'grad_norm': grad_norm.item(), 'tokens_per_s': tokens_per_step * cfg['log_interval'] / dt})
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
