@@ -279,14 +279,16 @@ class Transfusion(nn.Module):
             x = blk(x, cos, sin, mask, modality, cache, i)
         return self.norm(x)
 
-    def forward(self, batch):
+    def forward(self, batch, t_fixed=None):
         """The joint training loss on a packed Batch (data.py). Returns (loss, metrics).
 
-        Each target visual block draws its own t (one per image / frame, Diffusion-Forcing style);
-        context blocks stay clean (t = 1) and carry no flow loss."""
+        Each target visual block draws its own t (one per image / frame, Diffusion-Forcing style), or every
+        target block takes t_fixed (eval on a grid of t); context blocks stay clean (t = 1), no flow loss."""
         B, T = batch.tokens.shape
         n_blocks = int(batch.block.max()) + 1 if batch.modality.any() else 1
         t_block = flow.sample_t((B, n_blocks), self.cfg.alpha, device=batch.tokens.device)
+        if t_fixed is not None:
+            t_block = torch.full_like(t_block, t_fixed)
         t = torch.where(batch.lat_target, t_block.gather(1, batch.block.clamp(min=0)), 1.0)  # (B, T)
         noise = torch.randn_like(batch.latents)
         z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(batch.latents, noise, t), batch.latents)

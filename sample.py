@@ -212,3 +212,118 @@ def generate(model, tok, segments, B=1, max_new_tokens=100, steps=25, cfg_scale=
         h = advance(model, doc, kv)
     ids = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long)
     return ids, images
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and pictures
+
+
+def load_checkpoint(path, device='cpu'):
+    """(model, tokenizer, encoder, train config) from a train.py checkpoint, with one clear error if the file
+    is missing or does not fit the model it describes."""
+    import train
+    from model import ModelConfig, Transfusion
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path} (train one first: python train.py)")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        cfg, mcfg = ck['config'], ModelConfig(**ck['model_config'])
+        tok, encoder, _, _ = train.build(cfg)
+        model = Transfusion(mcfg).to(device)
+        model.load_state_dict(ck['model'])
+        encoder.load_state_dict(ck['encoder'])
+    except (KeyError, RuntimeError, TypeError, ValueError, EOFError) as e:
+        raise SystemExit(f"error: {path} is not a compatible checkpoint ({type(e).__name__}: {str(e)[:200]})")
+    return model.eval(), tok, encoder.to(device), cfg
+
+
+def to_uint8(images):
+    """float [B, 3, H, W] in ~[0, 1] -> uint8 [B, H, W, 3]."""
+    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path, images, cols=8, scale=4):
+    """uint8 [B, H, W, 3] -> one PNG, images side by side (nearest-neighbour upscaled for viewing)."""
+    import imageio.v3 as iio
+    B, H, W, _ = images.shape
+    cols = min(cols, B)
+    rows = -(-B // cols)
+    grid = np.zeros((rows * (H + 1) + 1, cols * (W + 1) + 1, 3), np.uint8) + 255
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = img
+    iio.imwrite(path, grid.repeat(scale, 0).repeat(scale, 1))
+
+
+def read_image(path, res):
+    """A picture file -> float [1, 3, res, res]; a clear error for unreadable files or the wrong size."""
+    import imageio.v3 as iio
+    try:
+        img = iio.imread(path)
+    except Exception as e:  # imageio raises many types for a bad file
+        raise SystemExit(f"error: cannot read image {path}: {e}")
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    img = img[..., :3]
+    if img.shape[:2] != (res, res):
+        raise SystemExit(f"error: image {path} is {img.shape[1]}x{img.shape[0]}; this model reads {res}x{res}")
+    return data.image_tensor([img])
+
+
+def main(argv):
+    import train
+    import world
+    cfg = train.configure({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str))
+                           and not k.startswith('_')}, argv)
+    if cfg['mode'] not in ('all', 'text', 't2i', 'i2t', 'interleaved'):
+        raise SystemExit(f"error: mode must be all, text, t2i, i2t or interleaved, got {cfg['mode']!r}")
+    dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], dev)
+    out = cfg['out_dir'] or os.path.join(os.path.dirname(cfg['ckpt']) or '.', 'samples')
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng([cfg['seed'], 7])
+    kw = dict(steps=cfg['steps'], cfg_scale=cfg['cfg_scale'], seed=cfg['seed'], use_cache=cfg['cache'])
+    gen = dict(max_new_tokens=cfg['max_new_tokens'], temperature=cfg['temperature'], top_k=cfg['top_k'], **kw)
+    longest = model.cfg.block_size - model.cfg.n_latent - 4
+    if len(tok.encode(cfg['prompt'])) > longest:
+        raise SystemExit(f"error: the prompt is {len(tok.encode(cfg['prompt']))} tokens; this model's context "
+                         f"leaves room for {longest} before an image")
+
+    def text_of(ids):
+        return tok.decode([i for i in ids.tolist() if i >= 0])
+
+    if cfg['mode'] in ('all', 'text'):
+        prompt = cfg['prompt'] or 'there is'
+        ids, _ = generate(model, tok, [prompt], **gen)
+        print(f"[text] {prompt!r} -> {text_of(ids[0])!r}")
+    if cfg['mode'] in ('all', 't2i'):
+        prompts = [cfg['prompt']] if cfg['prompt'] else [world.caption(world.sample_scene(rng, 1), rng) for _ in range(4)]
+        rows = []
+        for i, p in enumerate(prompts):
+            z = text_to_image(model, tok, p, B=cfg['n'], **kw)
+            rows.append(to_uint8(encoder.decode(z)))
+            print(f"[t2i] row {i}: {p!r}")
+        path = os.path.join(out, 't2i.png')
+        save_grid(path, np.concatenate(rows), cols=cfg['n'])
+        print(f"[t2i] wrote {path}")
+    if cfg['mode'] in ('all', 'i2t'):
+        if cfg['image']:
+            images, truth = read_image(cfg['image'], encoder.res), None
+        else:
+            scene = world.sample_scene(rng)
+            images, truth = data.image_tensor([world.render(scene, encoder.res, rng=rng)]), scene
+        z = encoder.encode(images.to(dev))[0]
+        ids, _ = generate(model, tok, [data.Visual(None, False, z)], **gen)
+        print(f"[i2t] caption: {text_of(ids[0])!r}" + (f"  (truth: {truth})" if truth else ''))
+    if cfg['mode'] in ('all', 'interleaved'):
+        prompt = cfg['prompt'] or world.caption(world.sample_scene(rng, 1), rng)
+        ids, images = generate(model, tok, [prompt], **gen)
+        print(f"[interleaved] {prompt!r} -> {text_of(ids[0])!r} with {len(images)} image(s)")
+        if images:
+            path = os.path.join(out, 'interleaved.png')
+            save_grid(path, to_uint8(encoder.decode(torch.cat(images))))
+            print(f"[interleaved] wrote {path}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -231,7 +231,7 @@ def main(argv):
                 tqdm.write(f"step {step}: " + ', '.join(f"{k} {v:.4f}" for k, v in res.items()))
             log_line({'step': step, **res})
             if master and step > 0:
-                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {})
+                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()})
         if last:
             break
 

@@ -1,0 +1,147 @@
+"""
+Score a checkpoint on held-out world data, in the embedded-world form of the paper's metrics (PAPER.md §8):
+
+    text perplexity        on text-only documents and on captions (DCLM / Notes PPL analogue)
+    diffusion loss         on caption->image documents, at a fixed grid of t (held-out CC12M loss analogue)
+    generation accuracy    generate from held-out captions, decode, parse with the scene parser, score each
+                           attribute, for seen and held-out colour x shape combinations (GenEval analogue)
+    understanding accuracy answer questions about held-out images (VQA analogue)
+
+    python eval.py                       # out/ckpt.pt -> a table, and out/eval.json
+    python eval.py --ckpt=out-moe/ckpt.pt --n_prompts=100
+
+Every score is printed beside its chance level.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import world
+from sample import generate, load_checkpoint, text_to_image
+
+# -----------------------------------------------------------------------------
+ckpt = 'out/ckpt.pt'
+out = ''                  # '' = eval.json beside the checkpoint
+n_batches = 8             # held-out batches per perplexity / diffusion number
+t_grid = '0.1,0.3,0.5,0.7,0.9'
+n_prompts = 64            # generation prompts per (split, object count)
+steps = 25
+cfg_scale = 3.0
+n_questions = 200
+seed = 0
+device = 'auto'
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def held_out_losses(model, dataset, n_batches, ts):
+    """Mean held-out LM loss on text documents and on captions, and the flow loss at each fixed t."""
+    res = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name, kind in (('text', 'text=1'), ('caption', 'image2caption=1')):
+            losses = [model(dataset.get('val', i, mixture=kind))[1]['lm_loss'].item() for i in range(n_batches)]
+            res[f'{name}_ppl'] = math.exp(sum(losses) / len(losses))
+        for t in ts:
+            losses = [model(dataset.get('val', i, mixture='caption2image=1'), t_fixed=t)[1]['flow_loss'].item()
+                      for i in range(n_batches)]
+            res[f'diffusion_loss_t{t:g}'] = sum(losses) / len(losses)
+    res['diffusion_loss_mean'] = float(np.mean([res[f'diffusion_loss_t{t:g}'] for t in ts]))
+    return res
+
+
+def score_scene(pred, true):
+    """GenEval-style checks of a parsed picture against the prompt's scene: for each prompted object, is
+    there a picture object of its colour, of its shape, at its place, and one that is all three at once."""
+    hits = {k: [] for k in ('color', 'shape', 'position', 'object')}
+    for o in true:
+        hits['color'].append(any(p.color == o.color for p in pred))
+        hits['shape'].append(any(p.shape == o.shape for p in pred))
+        hits['position'].append(any(p.place == o.place for p in pred))
+        hits['object'].append(any((p.color, p.shape, p.place) == (o.color, o.shape, o.place) for p in pred))
+    res = {k: float(np.mean(v)) for k, v in hits.items()}
+    res['count'] = float(len(pred) == len(true))
+    res['scene'] = float(tuple(pred) == tuple(true))
+    return res
+
+
+def generation_accuracy(model, tok, encoder, n, n_objects, heldout, steps, cfg_scale, seed):
+    rng = np.random.default_rng([seed, 11, n_objects, int(heldout)])
+    scores = []
+    for i in tqdm(range(n), desc=f"generation ({n_objects} obj, {'held-out' if heldout else 'seen'} combos)",
+                  leave=False):
+        scene = world.sample_scene(rng, n_objects, heldout=heldout)
+        z = text_to_image(model, tok, world.caption(scene, rng), B=1, steps=steps, cfg_scale=cfg_scale, seed=i)
+        img = (encoder.decode(z)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        scores.append(score_scene(world.parse(img), scene))
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+def answer_chance(answer):
+    """Chance of guessing the answer among the candidates of its kind."""
+    for options in (world.COLORS, world.SHAPES, world.PLACES, world.SIZES, ('yes', 'no'), ('1', '2', '3')):
+        if answer in options:
+            return 1 / len(options)
+    return 0.0
+
+
+def understanding_accuracy(model, tok, encoder, n, seed):
+    rng = np.random.default_rng([seed, 13])
+    device = next(model.parameters()).device
+    correct, chance = [], []
+    for _ in tqdm(range(n), desc='understanding', leave=False):
+        scene = world.sample_scene(rng)
+        z = encoder.encode(data.image_tensor([world.render(scene, encoder.res, rng=rng)]).to(device))[0]
+        q, a = world.question_answer(scene, rng)
+        ids, _ = generate(model, tok, [data.Visual(None, False, z), f"q: {q} a:"], max_new_tokens=16)
+        said = tok.decode([i for i in ids[0].tolist() if 0 <= i < tok.pad]).strip()
+        correct.append(said == a)
+        chance.append(answer_chance(a))
+    return {'accuracy': float(np.mean(correct)), 'chance': float(np.mean(chance))}
+
+
+def main(argv):
+    import train
+    cfg = train.configure({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str))
+                           and not k.startswith('_')}, argv)
+    dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], dev)
+    ts = [float(t) for t in cfg['t_grid'].split(',')]
+    dataset = data.WorldData(tok, encoder, tcfg['block_size'], tcfg['batch_size'], 'text=1', seed=tcfg['seed'])
+
+    res = {'checkpoint': cfg['ckpt'], **held_out_losses(model, dataset, cfg['n_batches'], ts)}
+    for n_obj in (1, 2):
+        for heldout in (False, True):
+            key = f"gen_{n_obj}obj_{'heldout' if heldout else 'seen'}"
+            res[key] = generation_accuracy(model, tok, encoder, cfg['n_prompts'], n_obj, heldout,
+                                           cfg['steps'], cfg['cfg_scale'], cfg['seed'])
+    res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_questions'], cfg['seed'])
+    res['chance'] = {'color': 1 / len(world.COLORS), 'shape': 1 / len(world.SHAPES),
+                     'position': 1 / len(world.PLACES), 'understanding': res['understanding']['chance']}
+
+    print(f"\n{'metric':34s} {'value':>8s}   chance")
+    print(f"{'text ppl (text documents)':34s} {res['text_ppl']:8.3f}   {tok.vocab_size} (uniform)")
+    print(f"{'text ppl (captions)':34s} {res['caption_ppl']:8.3f}   {tok.vocab_size} (uniform)")
+    for t in ts:
+        print(f"{f'diffusion loss at t={t:g}':34s} {res[f'diffusion_loss_t{t:g}']:8.4f}")
+    for key in [k for k in res if k.startswith('gen_')]:
+        for attr in ('color', 'shape', 'position', 'object', 'count', 'scene'):
+            c = res['chance'].get(attr)
+            print(f"{f'{key} {attr}':34s} {res[key][attr]:8.3f}   {'' if c is None else f'{c:.3f}'}")
+    u = res['understanding']
+    print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}")
+    path = cfg['out'] or os.path.join(os.path.dirname(cfg['ckpt']) or '.', 'eval.json')
+    with open(path, 'w') as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
