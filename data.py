@@ -263,17 +263,22 @@ class WorldData:
         rng = np.random.default_rng([self.seed, self.SPLITS[split], self.rank, step, micro])
         p_uncond = self.p_uncond if split == 'train' else 0.0
         docs = self.documents(rng, kinds, probs, p_uncond)
-        rows, row, used = [], [], 0
-        while len(rows) < self.B:
+        # first-fit packing: each document goes into the first row with room for it; rows close when
+        # several documents in a row fit nowhere (the rest of a row is padding: ~5% instead of ~30%
+        # for closing a row at the first document that does not fit)
+        rows, free, misses = [[] for _ in range(self.B)], [self.T] * self.B, 0
+        while misses < 8:
             d = next(docs)
             n = doc_length(d, self.tok, self.n_latent)
             if n > self.T:
                 raise ValueError(f"a world document of {n} tokens does not fit in block_size={self.T}")
-            if used + n > self.T:
-                rows.append(row)
-                row, used = [], 0
-            row.append(d)
-            used += n
+            row = next((i for i in range(self.B) if free[i] >= n), None)
+            if row is None:
+                misses += 1
+                continue
+            rows[row].append(d)
+            free[row] -= n
+            misses = 0
         visuals = [s for r in rows for d in r for s in d if isinstance(s, Visual)]
         if visuals:
             latents = self.encoder.encode(image_tensor([v.image for v in visuals]))

@@ -107,6 +107,21 @@ def understanding_accuracy(model, tok, encoder, n, seed):
     return {'accuracy': float(np.mean(correct)), 'chance': float(np.mean(chance))}
 
 
+@torch.no_grad()
+def expert_specialisation(model, dataset, n_batches):
+    """Routing counts per layer on held-out batches of every kind -> the specialisation table (PAPER.md §6)."""
+    from moe import routing_stats
+    counts = 0
+    for i in range(n_batches):
+        for kind in ('text=1', 'caption2image=1', 'image2caption=1'):
+            counts = counts + model(dataset.get('val', i, mixture=kind))[1]['counts']
+    table = []
+    for layer, c in enumerate(counts):
+        s = routing_stats(c, model.blocks[layer].ffn.k)
+        table.append({k: s[k] for k in ('n_text', 'n_vision', 'n_multimodal', 'n_dead')})
+    return table
+
+
 def main(argv):
     import train
     cfg = train.configure({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str))
@@ -122,6 +137,8 @@ def main(argv):
             key = f"gen_{n_obj}obj_{'heldout' if heldout else 'seen'}"
             res[key] = generation_accuracy(model, tok, encoder, cfg['n_prompts'], n_obj, heldout,
                                            cfg['steps'], cfg['cfg_scale'], cfg['seed'])
+    if model.cfg.ffn == 'moe':
+        res['experts'] = expert_specialisation(model, dataset, cfg['n_batches'])
     res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_questions'], cfg['seed'])
     res['chance'] = {'color': 1 / len(world.COLORS), 'shape': 1 / len(world.SHAPES),
                      'position': 1 / len(world.PLACES), 'understanding': res['understanding']['chance']}
@@ -137,6 +154,12 @@ def main(argv):
             print(f"{f'{key} {attr}':34s} {res[key][attr]:8.3f}   {'' if c is None else f'{c:.3f}'}")
     u = res['understanding']
     print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}")
+    if 'experts' in res:
+        shared = {'none': 0, 'global': 1, 'modality': 2}[model.cfg.moe_shared]
+        print(f"\nexperts per layer ({model.cfg.moe_experts} routed + {shared} shared; text: S >= 0.5, "
+              f"vision: S <= -0.5)\nlayer  text  vision  multimodal  dead")
+        for i, row in enumerate(res['experts']):
+            print(f"{i:5d} {row['n_text']:5d} {row['n_vision']:7d} {row['n_multimodal']:11d} {row['n_dead']:5d}")
     path = cfg['out'] or os.path.join(os.path.dirname(cfg['ckpt']) or '.', 'eval.json')
     with open(path, 'w') as f:
         json.dump(res, f, indent=1)

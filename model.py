@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flow
+from moe import MoE
 
 # -----------------------------------------------------------------------------
 # the hybrid mask
@@ -143,12 +144,24 @@ class Block(nn.Module):
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff) if cfg.ffn == 'dense' else ModalityFFN(cfg.d_model, cfg.d_ff)
+        if cfg.ffn == 'dense':
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+        elif cfg.ffn == 'modality':
+            self.ffn = ModalityFFN(cfg.d_model, cfg.d_ff)
+        else:
+            self.ffn = MoE(cfg.d_model, cfg.moe_d_expert or cfg.d_ff // cfg.moe_top_k, cfg.moe_experts,
+                           cfg.moe_top_k, cfg.moe_shared, cfg.moe_dispatch, cfg.moe_balance, cfg.moe_z)
 
     def forward(self, x, cos, sin, mask, modality, cache=None, layer=0):
+        """-> (x, aux): aux is the MoE's losses and routing counts, None for the other FFNs."""
         x = x + self.attn(self.norm1(x), cos, sin, mask, cache, layer)
         h = self.norm2(x)
-        return x + (self.ffn(h) if isinstance(self.ffn, SwiGLU) else self.ffn(h, modality))
+        if isinstance(self.ffn, SwiGLU):
+            return x + self.ffn(h), None
+        if isinstance(self.ffn, ModalityFFN):
+            return x + self.ffn(h, modality), None
+        y, aux = self.ffn(h, modality)
+        return x + y, aux
 
 
 def timestep_embedding(t, dim):
@@ -195,7 +208,14 @@ class ModelConfig:
     n_head: int = 8
     n_kv_head: int = 8         # < n_head: grouped-query attention
     d_ff: int = 1024           # SwiGLU hidden size (the paper: 4 x d_model = 8192)
-    ffn: str = 'modality'      # dense | modality
+    ffn: str = 'modality'      # dense | modality | moe
+    moe_experts: int = 16      # routed experts E
+    moe_top_k: int = 4         # active experts per token, the shared one included
+    moe_d_expert: int = 0      # expert hidden size; 0 = d_ff / moe_top_k (active FFN compute = dense)
+    moe_shared: str = 'modality'  # none | global | modality (PAPER.md Table 2)
+    moe_balance: float = 0.01  # Switch load-balancing loss coefficient
+    moe_z: float = 1e-3        # router z-loss coefficient
+    moe_dispatch: str = 'auto'  # auto | grouped | padded | loop
     d_latent: int = 48         # encoder latent dim
     n_latent: int = 64         # latent tokens per visual block
     flow_target: str = 'v'     # v | x (PAPER.md §4)
@@ -207,7 +227,7 @@ class ModelConfig:
 
     def __post_init__(self):
         checks = [
-            (self.ffn in ('dense', 'modality'), f"ffn must be 'dense' or 'modality', got {self.ffn!r}"),
+            (self.ffn in ('dense', 'modality', 'moe'), f"ffn must be dense, modality or moe, got {self.ffn!r}"),
             (self.flow_target in ('v', 'x'), f"flow_target must be 'v' or 'x', got {self.flow_target!r}"),
             (self.attn in ('auto', 'sdpa', 'flex'), f"attn must be auto, sdpa or flex, got {self.attn!r}"),
             (self.d_model % self.n_head == 0, f"d_model {self.d_model} is not divisible by n_head {self.n_head}"),
@@ -242,7 +262,7 @@ class Transfusion(nn.Module):
         self.register_buffer('rope_sin', sin, persistent=False)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
-            if name.endswith(('wo.weight', 'w2.weight')):
+            if name.endswith(('wo.weight', 'w2.weight', '.w2', '.s_w2')):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
         nn.init.normal_(self.lat_pos, std=0.02)
         nn.init.zeros_(self.lat_out.weight)  # start by predicting zero velocity (DiT's zero-init head)
@@ -256,9 +276,16 @@ class Transfusion(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def count_params(self):
-        """Total, and active per token: a token runs one of the two modality FFNs (PAPER.md §1)."""
+        """Total, and active per token: a token runs one of the two modality FFNs (PAPER.md §1), or its
+        shared expert and k routed experts of the MoE."""
         total = sum(p.numel() for p in self.parameters())
-        idle = sum(p.numel() for b in self.blocks if isinstance(b.ffn, ModalityFFN) for p in b.ffn.vision.parameters())
+        idle = 0
+        for b in self.blocks:
+            if isinstance(b.ffn, ModalityFFN):
+                idle += sum(p.numel() for p in b.ffn.vision.parameters())
+            elif isinstance(b.ffn, MoE):
+                moe_total, moe_active = b.ffn.count_params()
+                idle += moe_total - moe_active
         return {'total': total, 'active': total - idle}
 
     def make_mask(self, doc, block):
@@ -266,7 +293,7 @@ class Transfusion(nn.Module):
         return flex_block_mask(doc, block) if use_flex else dense_mask(doc, block)
 
     def hidden(self, tokens, modality, block, doc, pos, z, t, cache=None):
-        """Final hidden states (B, T, d). z (B, T, d_latent): latent inputs (noised or clean) at latent slots;
+        """Final hidden states (B, T, d), and per layer the MoE aux (None for other FFNs). z (B, T, d_latent): latent inputs (noised or clean) at latent slots;
         t (B, T): each latent slot's time (1 = clean). Every visual block is n_latent slots long, so a latent's
         slot inside its block is its running count mod n_latent (a cached step passes whole blocks)."""
         is_lat = (modality == 1).unsqueeze(-1)
@@ -275,9 +302,11 @@ class Transfusion(nn.Module):
         x = torch.where(is_lat, x_lat, self.tok_emb(tokens))                          # (B, T, d)
         cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)   # (B, 1, T, hd/2)
         mask = self.make_mask(doc, block) if cache is None or len(cache) == 0 else None
+        auxes = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, mask, modality, cache, i)
-        return self.norm(x)
+            x, aux = blk(x, cos, sin, mask, modality, cache, i)
+            auxes.append(aux)
+        return self.norm(x), auxes
 
     def forward(self, batch, t_fixed=None):
         """The joint training loss on a packed Batch (data.py). Returns (loss, metrics).
@@ -292,7 +321,7 @@ class Transfusion(nn.Module):
         t = torch.where(batch.lat_target, t_block.gather(1, batch.block.clamp(min=0)), 1.0)  # (B, T)
         noise = torch.randn_like(batch.latents)
         z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(batch.latents, noise, t), batch.latents)
-        h = self.hidden(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, z, t)
+        h, auxes = self.hidden(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, z, t)
 
         text_sel = batch.targets >= 0
         logits = self.lm_head(h[text_sel]).float()
@@ -306,6 +335,11 @@ class Transfusion(nn.Module):
         loss = lm_loss + self.cfg.flow_weight * flow_loss
         metrics = {'lm_loss': lm_loss.detach(), 'flow_loss': flow_loss.detach(),
                    'n_text': text_sel.sum(), 'n_latent': lat_sel.sum()}
+        if self.cfg.ffn == 'moe':  # balance and z losses of every layer join the objective
+            aux_loss = sum(a['balance'] + a['z'] for a in auxes)
+            loss = loss + aux_loss
+            metrics['aux_loss'] = aux_loss.detach()
+            metrics['counts'] = torch.stack([a['counts'] for a in auxes])  # (layers, 2, E)
         return loss, metrics
 
     def configure_optimizer(self, lr, weight_decay, betas, device_type):

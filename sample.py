@@ -89,10 +89,10 @@ class Doc:
 def advance(model, doc, kv):
     """Hidden states of the positions the model has not seen yet; with a cache they are stored in it."""
     if kv is None:
-        h = model.hidden(*doc.arrays())
+        h = model.hidden(*doc.arrays())[0]
         out = h[:, doc.seen:]
     else:
-        out = model.hidden(*doc.arrays(doc.seen), cache=kv)
+        out = model.hidden(*doc.arrays(doc.seen), cache=kv)[0]
     doc.seen = len(doc)
     return out
 
@@ -104,10 +104,10 @@ def peek_block(model, doc, kv, z, t):
     saved = (doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks, doc.seen)
     doc.add_latents(z, t)
     if kv is None:
-        h = model.hidden(*doc.arrays())[:, -N:]
+        h = model.hidden(*doc.arrays())[0][:, -N:]
     else:
         kv.store = False
-        h = model.hidden(*doc.arrays(doc.seen), cache=kv)
+        h = model.hidden(*doc.arrays(doc.seen), cache=kv)[0]
         kv.store = True
     doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks, doc.seen = saved
     return h

@@ -104,9 +104,9 @@ def test_model_forward_is_the_same_with_flex_and_sdpa():
     z, t = b.latents, torch.rand(b.doc.shape)
     args = (b.tokens, b.modality, b.block, b.doc, b.pos, z, t)
     with torch.no_grad():
-        h_sdpa = m.hidden(*args)
+        h_sdpa = m.hidden(*args)[0]
         m.cfg.attn = 'flex'
-        h_flex = m.hidden(*args)
+        h_flex = m.hidden(*args)[0]
     torch.testing.assert_close(h_flex, h_sdpa, atol=1e-5, rtol=1e-4)
 
 
@@ -347,3 +347,74 @@ def test_cached_and_uncached_sampling_give_the_same_tokens_and_latents():
     for a, b in zip(imgs_c, imgs_u):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(imgs_c[0], imgs_c[1])  # the second image saw the first
+
+
+# -----------------------------------------------------------------------------
+# sample.py and eval.py from a real (tiny) checkpoint
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')
+    r = run_train('config/smoke.py', '--max_iters=4', '--eval_interval=4', '--eval_batches=1', f'--out_dir={out}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / 'ckpt.pt'
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_writes_a_png_grid_that_reads_back(tiny_ckpt, tmp_path):
+    import imageio.v3 as iio
+    r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=t2i', '--n=3', '--steps=2', f'--out_dir={tmp_path}',
+                   '--prompt=a small red circle at the top left.')
+    assert r.returncode == 0, r.stderr[-2000:]
+    img = iio.imread(tmp_path / 't2i.png')
+    assert img.shape == ((32 + 1) * 4 + 4, 3 * (32 + 1) * 4 + 4, 3) and img.dtype == np.uint8
+
+
+def test_eval_writes_every_score_with_its_chance_level(tiny_ckpt, tmp_path):
+    import json
+    out = tmp_path / 'eval.json'
+    r = run_script('eval.py', f'--ckpt={tiny_ckpt}', '--n_batches=1', '--n_prompts=2', '--steps=2',
+                   '--n_questions=3', f'--out={out}')
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res['text_ppl'] > 1 and res['diffusion_loss_t0.5'] > 0
+    assert set(res['gen_1obj_heldout']) == {'color', 'shape', 'position', 'object', 'count', 'scene'}
+    assert 0 < res['understanding']['chance'] < 1 and 0 <= res['understanding']['accuracy'] <= 1
+
+
+def test_scene_scores_count_each_attribute():
+    import eval as ev
+    from world import Obj
+    true = (Obj(0, 'red', 'circle', 'small'), Obj(4, 'blue', 'square', 'large'))
+    pred = (Obj(0, 'red', 'square', 'small'), Obj(8, 'blue', 'square', 'large'))
+    s = ev.score_scene(pred, true)
+    assert s == {'color': 1.0, 'shape': 1.0, 'position': 0.5, 'object': 0.0, 'count': 1.0, 'scene': 0.0}
+    assert ev.score_scene(true, true)['scene'] == 1.0
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--ckpt=nowhere/ckpt.pt'], 'no checkpoint at nowhere/ckpt.pt'),
+    (['--mode=i2t', '--image=README.md'], 'cannot read image README.md'),
+    (['--prompt=' + 'x' * 300], 'this model\'s context leaves room for'),
+    (['--mode=dream'], 'mode must be'),
+])
+def test_sample_refuses_bad_input_with_one_clear_sentence(tiny_ckpt, args, words):
+    if not any(a.startswith('--ckpt') for a in args):
+        args = [f'--ckpt={tiny_ckpt}', *args]
+    r = run_script('sample.py', *args)
+    assert r.returncode != 0 and words in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_sample_refuses_a_wrong_size_image_and_an_incompatible_checkpoint(tiny_ckpt, tmp_path):
+    import imageio.v3 as iio
+    iio.imwrite(tmp_path / 'big.png', np.zeros((40, 40, 3), np.uint8))
+    r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=i2t', f'--image={tmp_path / "big.png"}')
+    assert r.returncode != 0 and 'is 40x40; this model reads 32x32' in r.stderr
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck['model'].pop('lm_head.weight')
+    torch.save(ck, tmp_path / 'broken.pt')
+    r = run_script('sample.py', f'--ckpt={tmp_path / "broken.pt"}')
+    assert r.returncode != 0 and 'not a compatible checkpoint' in r.stderr and 'Traceback' not in r.stderr

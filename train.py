@@ -31,7 +31,7 @@ dtype = 'auto'            # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat1
 # data
 tokenizer = 'byte'        # byte | a tiktoken encoding name (gpt2)
 text_source = ''          # '' = the world's text documents; else a .txt path or http(s) URL of real text
-mixture = 'text=0.3,caption2image=0.4,image2caption=0.2,qa=0.1'
+mixture = 'text=0.2,caption2image=0.5,image2caption=0.15,qa=0.15'
 p_uncond = 0.1            # caption dropout for classifier-free guidance (PAPER.md §4)
 image_size = 32
 patch_size = 4            # pixel encoder: (32/4)^2 = 64 tokens x 48 dims
@@ -44,7 +44,14 @@ n_layer = 6
 n_head = 8
 n_kv_head = 4
 d_ff = 768
-ffn = 'modality'          # dense | modality
+ffn = 'modality'          # dense | modality | moe
+moe_experts = 16          # moe: routed experts
+moe_top_k = 4             # moe: active experts per token, shared included
+moe_d_expert = 0          # moe: expert hidden size (0 = d_ff / moe_top_k: active compute = dense)
+moe_shared = 'modality'   # moe: none | global | modality
+moe_balance = 0.01        # moe: load-balancing loss coefficient
+moe_z = 1e-3              # moe: router z-loss coefficient
+moe_dispatch = 'auto'     # moe: auto | grouped | padded | loop
 flow_target = 'v'         # v | x
 flow_weight = 3.0
 shift = 3.0               # noise shift alpha; 0 = sqrt(N*d/4096) (= 0.87 for 64x48: see README)
@@ -239,6 +246,7 @@ def main(argv):
         for g in optimizer.param_groups:
             g['lr'] = lr
         sums = torch.zeros(3, device=device)  # lm, flow, total (micro-step averages)
+        counts = 0
         for micro in range(cfg['grad_accum']):
             batch = dataset.get('train', step, micro).to(device)
             sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
@@ -246,7 +254,7 @@ def main(argv):
                 loss, m = model(batch)
                 (loss / cfg['grad_accum']).backward()
             sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
-        if not torch.isfinite(sums[2]):
+            counts = counts + m.get('counts', 0)        if not torch.isfinite(sums[2]):
             raise SystemExit(f"error: loss is {sums[2].item()} at step {step}; stopping")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
         optimizer.step()
@@ -260,8 +268,13 @@ def main(argv):
             dt = time.time() - t0
             t0 = time.time()
             bar.set_postfix(loss=f"{total:.3f}", lm=f"{lm:.3f}", flow=f"{fl:.3f}")
-            log_line({'step': step, 'loss': total, 'lm_loss': lm, 'flow_loss': fl, 'lr': lr,
-                      'grad_norm': grad_norm.item(), 'tokens_per_s': tokens_per_step * cfg['log_interval'] / dt})
+            entry = {'step': step, 'loss': total, 'lm_loss': lm, 'flow_loss': fl, 'lr': lr,
+                     'grad_norm': grad_norm.item(), 'tokens_per_s': tokens_per_step * cfg['log_interval'] / dt}
+            if torch.is_tensor(counts):  # MoE load of this step, per layer: max expert load / mean (1 = even)
+                load = counts.sum(1).float()
+                entry['moe_max_load'] = (load.max(1).values / load.mean(1)).tolist()
+                entry['moe_dead'] = (load == 0).sum(1).tolist()
+            log_line(entry)
     bar.close()
     if ddp:
         dist.destroy_process_group()
