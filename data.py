@@ -12,8 +12,8 @@ What later tokens see of a noised image (DESIGN.md) — the policy of this repo:
     image->caption or question/answer document). So text that reads an image always reads it clean, and no
     token is ever trained on a noised picture it is supposed to describe.
 
-Every batch is a pure function of (seed, split, rank, step, micro-step): resuming a run needs only the step,
-and DDP ranks read disjoint streams.
+Every batch is a pure function of (seed, split, step, index): resuming a run needs only the step, and DDP
+ranks read disjoint streams by asking for different indices (train.py: index = micro * world + rank).
 """
 
 import math
@@ -238,15 +238,14 @@ def image_tensor(images):
 
 
 class WorldData:
-    """Batches of packed world documents. `get(split, step, micro)` is deterministic in its arguments."""
+    """Batches of packed world documents. `get(split, step, index)` is deterministic in its arguments."""
 
     SPLITS = {'train': 0, 'val': 1}
 
-    def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, rank=0, p_uncond=0.1,
-                 text=None):
+    def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, p_uncond=0.1, text=None):
         self.tok, self.encoder, self.T, self.B = tok, encoder, block_size, batch_size
         self.kinds, self.probs = parse_mixture(mixture)
-        self.seed, self.rank, self.p_uncond = seed, rank, p_uncond
+        self.seed, self.p_uncond = seed, p_uncond
         self.n_latent = encoder.n_tokens
         self.text = text  # real text (a str) replaces the world's text documents when given
 
@@ -258,9 +257,9 @@ class WorldData:
             else:
                 yield world_document(kind, rng, p_uncond)
 
-    def get(self, split, step, micro=0, mixture=None):
+    def get(self, split, step, index=0, mixture=None):
         kinds, probs = (self.kinds, self.probs) if mixture is None else parse_mixture(mixture)
-        rng = np.random.default_rng([self.seed, self.SPLITS[split], self.rank, step, micro])
+        rng = np.random.default_rng([self.seed, self.SPLITS[split], step, index])
         p_uncond = self.p_uncond if split == 'train' else 0.0
         docs = self.documents(rng, kinds, probs, p_uncond)
         # first-fit packing: each document goes into the first row with room for it; rows close when

@@ -14,11 +14,13 @@ import ast
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
+import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
@@ -69,6 +71,7 @@ grad_clip = 1.0
 eval_interval = 100
 eval_batches = 4
 log_interval = 10
+skip_nonfinite = False    # True: skip a step whose loss is NaN/inf instead of stopping
 compile = False
 # -----------------------------------------------------------------------------
 
@@ -151,13 +154,17 @@ def evaluate(model, dataset, n_batches, device, ctx):
     return out
 
 
+def seed_of(*ints):
+    """One 63-bit seed from several integers (seed, step, micro-batch): every step's randomness is a function
+    of where it is, so nothing but the step has to be saved to resume exactly."""
+    return int(np.random.SeedSequence(list(ints)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def save_checkpoint(path, raw_model, optimizer, cfg, step, extra):
-    """Everything needed to resume; written to a temp file and renamed so a crash never leaves half a file."""
+    """Everything needed to resume (the data position and all randomness follow from the step); written to a
+    temp file and renamed, so a crash during the write leaves the previous checkpoint intact."""
     ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': cfg,
-            'model_config': asdict(raw_model.cfg), 'step': step,
-            'rng': {'torch': torch.get_rng_state(),
-                    'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            **extra}
+            'model_config': asdict(raw_model.cfg), 'step': step, **extra}
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -185,9 +192,12 @@ def main(argv):
     dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
     ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext())
 
+    torch.manual_seed(cfg['seed'])  # the same initial weights on every rank
+    # bit-identical reruns and resumes on CPU: embedding / index_put backward otherwise sum in thread order
+    torch.use_deterministic_algorithms(device.type == 'cpu')
     tok, encoder, text, mcfg = build(cfg, device.type)
     dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'],
-                             seed=cfg['seed'], rank=rank, p_uncond=cfg['p_uncond'], text=text)
+                             seed=cfg['seed'], p_uncond=cfg['p_uncond'], text=text)
     dataset.get('train', 0)  # fail on a bad mixture / block size before building anything big
     model = Transfusion(mcfg).to(device)
     optimizer = model.configure_optimizer(cfg['learning_rate'], cfg['weight_decay'],
@@ -201,12 +211,7 @@ def main(argv):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if device.type == 'cuda' and ckpt['rng']['cuda']:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
-    elif cfg['init_from'] == 'scratch':
-        torch.manual_seed(cfg['seed'] + rank)  # ranks draw different noise and t
-    else:
+    elif cfg['init_from'] != 'scratch':
         raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
     counts = model.count_params()
     raw_model = model
@@ -227,9 +232,11 @@ def main(argv):
             log.write(json.dumps(entry) + '\n')
             log.flush()
 
+    stop = []  # SIGTERM (a scheduler's preemption): finish the step, save, exit cleanly
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * world
     bar = tqdm(total=cfg['max_iters'], initial=step, disable=not master, dynamic_ncols=True)
-    t0 = time.time()
+    t_train, n_timed, grad_norm = 0.0, 0, torch.zeros(())
     while True:
         last = step == cfg['max_iters']
         if step % cfg['eval_interval'] == 0 or last:
@@ -242,39 +249,55 @@ def main(argv):
         if last:
             break
 
+        if step % cfg['log_interval'] == 0:
+            t_train, n_timed = 0.0, 0
+        t_step = time.time()
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g['lr'] = lr
         sums = torch.zeros(3, device=device)  # lm, flow, total (micro-step averages)
         counts = 0
         for micro in range(cfg['grad_accum']):
-            batch = dataset.get('train', step, micro).to(device)
+            # global micro-batch index: 1 process x grad_accum 2 reads the same data (and draws the same t
+            # and noise) as 2 processes x grad_accum 1, and a resumed run needs nothing but the step
+            g = micro * world + rank
+            torch.manual_seed(seed_of(cfg['seed'], step, g))
+            batch = dataset.get('train', step, g).to(device)
             sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
             with (nullcontext() if sync else model.no_sync()), ctx:
                 loss, m = model(batch)
                 (loss / cfg['grad_accum']).backward()
             sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
-            counts = counts + m.get('counts', 0)        if not torch.isfinite(sums[2]):
-            raise SystemExit(f"error: loss is {sums[2].item()} at step {step}; stopping")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-        optimizer.step()
+            counts = counts + m.get('counts', 0)
+        if ddp:  # every rank sees the same averaged losses, so all take the same branch below
+            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(sums[2]):
+            if not cfg['skip_nonfinite']:
+                raise SystemExit(f"error: the loss is {sums[2].item()} at step {step}; stopping "
+                                 f"(--skip_nonfinite=True skips such steps)")
+            tqdm.write(f"step {step}: loss is {sums[2].item()}, step skipped")
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        t_train, n_timed = t_train + time.time() - t_step, n_timed + 1
         if step % cfg['log_interval'] == 0 or step == cfg['max_iters']:
-            if ddp:
-                dist.all_reduce(sums, op=dist.ReduceOp.AVG)
             lm, fl, total = sums.tolist()
-            dt = time.time() - t0
-            t0 = time.time()
             bar.set_postfix(loss=f"{total:.3f}", lm=f"{lm:.3f}", flow=f"{fl:.3f}")
             entry = {'step': step, 'loss': total, 'lm_loss': lm, 'flow_loss': fl, 'lr': lr,
-                     'grad_norm': grad_norm.item(), 'tokens_per_s': tokens_per_step * cfg['log_interval'] / dt}
+                     'grad_norm': grad_norm.item(), 'tokens_per_s': tokens_per_step * n_timed / t_train}
             if torch.is_tensor(counts):  # MoE load of this step, per layer: max expert load / mean (1 = even)
                 load = counts.sum(1).float()
                 entry['moe_max_load'] = (load.max(1).values / load.mean(1)).tolist()
                 entry['moe_dead'] = (load == 0).sum(1).tolist()
             log_line(entry)
+        if stop:
+            if master:
+                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()})
+                tqdm.write(f"SIGTERM: saved step {step} to {ckpt_path}; resume with --init_from=resume")
+            break
     bar.close()
     if ddp:
         dist.destroy_process_group()
