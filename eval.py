@@ -124,8 +124,7 @@ def expert_specialisation(model, dataset, n_batches):
 
 def main(argv):
     import train
-    cfg = train.configure({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str))
-                           and not k.startswith('_')}, argv)
+    cfg = train.configure(train.knobs(globals()), argv)
     dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], dev)
     ts = [float(t) for t in cfg['t_grid'].split(',')]

@@ -227,8 +227,9 @@ def load_checkpoint(path, device='cpu'):
         raise SystemExit(f"error: no checkpoint at {path} (train one first: python train.py)")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-        cfg, mcfg = ck['config'], ModelConfig(**ck['model_config'])
-        tok, encoder, _, _ = train.build(cfg)
+        # keys added to train.py after the checkpoint was written take their defaults
+        cfg, mcfg = {**train.knobs(vars(train)), **ck['config']}, ModelConfig(**ck['model_config'])
+        tok, encoder, _, _ = train.build(cfg, fit=False)  # the checkpoint brings the encoder's statistics
         model = Transfusion(mcfg).to(device)
         model.load_state_dict(ck['model'])
         encoder.load_state_dict(ck['encoder'])
@@ -273,8 +274,7 @@ def read_image(path, res):
 def main(argv):
     import train
     import world
-    cfg = train.configure({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str))
-                           and not k.startswith('_')}, argv)
+    cfg = train.configure(train.knobs(globals()), argv)
     if cfg['mode'] not in ('all', 'text', 't2i', 'i2t', 'interleaved'):
         raise SystemExit(f"error: mode must be all, text, t2i, i2t or interleaved, got {cfg['mode']!r}")
     dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')

@@ -32,6 +32,7 @@ device = 'auto'           # auto | cpu | cuda
 dtype = 'auto'            # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
 # data
 tokenizer = 'byte'        # byte | a tiktoken encoding name (gpt2)
+vocab_size = 0            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
 text_source = ''          # '' = the world's text documents; else a .txt path or http(s) URL of real text
 mixture = 'text=0.2,caption2image=0.5,image2caption=0.15,qa=0.15'
 p_uncond = 0.1            # caption dropout for classifier-free guidance (PAPER.md §4)
@@ -73,7 +74,13 @@ eval_batches = 4
 log_interval = 10
 skip_nonfinite = False    # True: skip a step whose loss is NaN/inf instead of stopping
 compile = False
+meta = False              # True: build the model on the meta device, print its parameter counts, exit
 # -----------------------------------------------------------------------------
+
+
+def knobs(namespace):
+    """The config keys of a script: its module-level ints, floats, bools and strings."""
+    return {k: v for k, v in namespace.items() if isinstance(v, (int, float, bool, str)) and not k.startswith('_')}
 
 
 def configure(defaults, argv):
@@ -118,16 +125,22 @@ def lr_at(it, cfg):
     return cfg['min_lr'] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 
-def build(cfg, device_type='cpu'):
-    """Tokenizer, encoder, data and model config from a flat config dict (shared with sample/eval/bench)."""
+def build(cfg, fit=True):
+    """Tokenizer, encoder, real text and model config from a flat config dict (shared with sample/eval/bench).
+    fit=False skips measuring the encoder's normalisation (for a model built only to be counted)."""
     import data
     import rae
     from model import ModelConfig
     tok = data.get_tokenizer(cfg['tokenizer'])
-    encoder = data.fit_encoder(rae.PixelEncoder(cfg['image_size'], cfg['patch_size']))
+    encoder = rae.PixelEncoder(cfg['image_size'], cfg['patch_size'])
+    if fit:
+        data.fit_encoder(encoder)
     text = data.load_text(cfg['text_source']) if cfg['text_source'] else None
-    mcfg = ModelConfig(**{f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg},
-                       vocab_size=tok.vocab_size, d_latent=encoder.d_latent, n_latent=encoder.n_tokens)
+    vocab = cfg['vocab_size'] or tok.vocab_size
+    if vocab < tok.vocab_size:
+        raise SystemExit(f"error: vocab_size={vocab} is smaller than the {cfg['tokenizer']} tokenizer's {tok.vocab_size}")
+    shapes = {'vocab_size': vocab, 'd_latent': encoder.d_latent, 'n_latent': encoder.n_tokens}
+    mcfg = ModelConfig(**{**{f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg}, **shapes})
     return tok, encoder, text, mcfg
 
 
@@ -171,8 +184,7 @@ def save_checkpoint(path, raw_model, optimizer, cfg, step, extra):
 
 
 def main(argv):
-    cfg = configure({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str))
-                     and not k.startswith('_')}, argv)
+    cfg = configure(knobs(globals()), argv)
     from tqdm import tqdm
     import data
     from model import Transfusion
@@ -195,7 +207,14 @@ def main(argv):
     torch.manual_seed(cfg['seed'])  # the same initial weights on every rank
     # bit-identical reruns and resumes on CPU: embedding / index_put backward otherwise sum in thread order
     torch.use_deterministic_algorithms(device.type == 'cpu')
-    tok, encoder, text, mcfg = build(cfg, device.type)
+    if cfg['meta']:  # paper-scale shapes: count without allocating a byte
+        _, _, _, mcfg = build(cfg, fit=False)
+        with torch.device('meta'):
+            counts = Transfusion(mcfg).count_params()
+        print(f"{mcfg.ffn} model, d_model {mcfg.d_model} x {mcfg.n_layer} layers: {counts['total'] / 1e9:.3f}B "
+              f"parameters, {counts['active'] / 1e9:.3f}B active per token")
+        return
+    tok, encoder, text, mcfg = build(cfg)
     dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'],
                              seed=cfg['seed'], p_uncond=cfg['p_uncond'], text=text)
     dataset.get('train', 0)  # fail on a bad mixture / block size before building anything big
