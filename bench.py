@@ -5,6 +5,7 @@ repeats). Prints a table and writes JSON.
     python bench.py                          # the default train config on this machine, and every micro-benchmark
     python bench.py config/moe.py --compile=True
     python bench.py --only=moe               # just one section: train | attention | moe | sampling
+    python bench.py --only=moe --threads=1   # the MoE layer paths on one CPU thread
 
 MFU = achieved FLOP/s / peak; model FLOPs per token = 6 * N_active + 12 * n_layer * d_model * T (the attention
 scores and values, forward and backward, as in nanoGPT). The peak is looked up for known GPUs, or --peak_tflops.
@@ -20,10 +21,16 @@ import time
 import torch
 
 # -----------------------------------------------------------------------------
-out = 'bench.json'
+out = 'out-bench/bench.json'
 only = ''                 # '' = everything; or train | attention | moe | sampling
 repeats = 5
 warmup = 2
+threads = 0               # torch CPU threads; 0 = torch's default (the core count)
+moe_tokens = 4096         # MoE layer benchmark: tokens per call
+moe_width = 256           #   d_model
+moe_hidden = 64           #   d_expert
+moe_k = 8                 #   active experts per token (1 per-modality shared + 7 routed)
+moe_pools = '8,64'        #   routed expert counts E to time
 peak_tflops = 0.0         # 0 = look the device up (CUDA bf16 dense peaks below); CPU: MFU not reported
 # -----------------------------------------------------------------------------
 
@@ -98,26 +105,57 @@ def bench_attention(device):
     return {'sdpa_ms': 1e3 * sdpa, 'flex_ms': 1e3 * flex, 'flex_speedup': sdpa / flex}
 
 
-def bench_moe(device):
-    """MoE layer forward + backward: the fast path vs the per-expert loop, E in {8, 64}, k = 8."""
+def bench_moe(cfg, device):
+    """One MoE layer (moe.py), forward + backward, tokens/s: the fast path (torch._grouped_mm, what 'auto' runs)
+    against the per-expert python loop, at each pool size in moe_pools with moe_k active experts (1 per-modality
+    shared + moe_k - 1 routed), fp32. The two are timed interleaved, repeat by repeat, so a change in the load
+    of a shared machine hits both alike; medians after warm-up. The 1-minute load average is recorded: with
+    more runnable threads than cores every op pays a synchronisation stall, which favours the path with fewer
+    ops (grouped) far beyond what it gains on idle cores."""
     from moe import MoE
-    res = {}
-    fast = 'grouped' if device.type == 'cuda' else 'padded'
-    for E in (8, 64):
-        x = torch.randn(4096, 256, device=device, requires_grad=True)
-        modality = torch.randint(0, 2, (4096,), device=device)
-        row = {}
-        for path in (fast, 'loop'):
-            torch.manual_seed(0)
-            layer = MoE(256, 64, E, 8, shared='modality', dispatch=path).to(device)
+    N, D, Fh, k = cfg['moe_tokens'], cfg['moe_width'], cfg['moe_hidden'], cfg['moe_k']
+    fast = 'grouped'
+    paths = [fast, 'loop']
+    res = {'shape': f"N={N} d_model={D} d_expert={Fh} top_k={k} (1 shared + {k - 1} routed)", 'fast_path': fast,
+           'threads': torch.get_num_threads()}
+    if hasattr(os, 'getloadavg'):
+        res['load_avg_1min_before'] = os.getloadavg()[0]
+    torch.manual_seed(0)
+    x = torch.randn(N, D, device=device, requires_grad=True)
+    modality = torch.randint(0, 2, (N,), device=device)
+    rows = []
+    for E in (int(e) for e in str(cfg['moe_pools']).split(',')):
+        torch.manual_seed(0)
+        layers = {p: MoE(D, Fh, E, k, shared='modality', dispatch=p).to(device) for p in paths}
+        for p in paths[1:]:
+            layers[p].load_state_dict(layers[fast].state_dict())  # same weights, same routing
 
-            def fb():
-                y, aux = layer(x, modality)
-                (y.square().mean() + aux['balance']).backward()
+        def step(p):
+            y, aux = layers[p](x, modality)
+            (y.square().mean() + aux['balance'] + aux['z']).backward()
 
-            row[path] = 4096 / timed(fb, device)
-        res[f'E{E}_k8'] = {'fast_path': fast, 'fast_tokens_per_s': row[fast], 'loop_tokens_per_s': row['loop'],
-                           'speedup': row[fast] / row['loop']}
+        times = {p: [] for p in paths}
+        for i in range(warmup + repeats):
+            for p in paths:
+                if device.type == 'cuda':
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step(p)
+                if device.type == 'cuda':
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[p].append(time.perf_counter() - t0)
+        tps = {p: N / statistics.median(t) for p, t in times.items()}
+        for p in paths:
+            rows.append({'experts': E, 'path': p, 'tokens_per_s': round(tps[p]),
+                         'ms': round(1e3 * statistics.median(times[p]), 1), 'vs_loop': round(tps[p] / tps['loop'], 2)})
+        res[f'E{E}_fast_over_loop'] = round(tps[fast] / tps['loop'], 2)
+    res['table'] = rows
+    if hasattr(os, 'getloadavg'):
+        res['load_avg_1min_after'] = os.getloadavg()[0]
+    print(f"  {'E':>4s} {'path':8s} {'tokens/s':>10s} {'ms':>8s} {'vs loop':>8s}")
+    for r in rows:
+        print(f"  {r['experts']:4d} {r['path']:8s} {r['tokens_per_s']:10d} {r['ms']:8.1f} {r['vs_loop']:7.2f}x")
     return res
 
 
@@ -142,14 +180,14 @@ def bench_sampling(device):
 
 def main(argv):
     import train
-    defaults = {k: v for k, v in vars(train).items() if isinstance(v, (int, float, bool, str)) and not k.startswith('_')}
-    defaults.update({k: v for k, v in globals().items() if isinstance(v, (int, float, bool, str)) and not k.startswith('_')})
-    cfg = train.configure(defaults, argv)
+    cfg = train.configure({**train.knobs(vars(train)), **train.knobs(globals())}, argv)
     globals().update({k: cfg[k] for k in ('repeats', 'warmup')})
+    if cfg['threads']:
+        torch.set_num_threads(cfg['threads'])
     dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     device = torch.device(dev)
     sections = {'train': lambda: bench_train(cfg, device), 'attention': lambda: bench_attention(device),
-                'moe': lambda: bench_moe(device), 'sampling': lambda: bench_sampling(device)}
+                'moe': lambda: bench_moe(cfg, device), 'sampling': lambda: bench_sampling(device)}
     if cfg['only'] and cfg['only'] not in sections:
         raise SystemExit(f"error: --only must be one of {', '.join(sections)}, got {cfg['only']!r}")
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f"CPU ({torch.get_num_threads()} threads)"
@@ -159,7 +197,9 @@ def main(argv):
             print(f"[{key}] ...", flush=True)
             results[key] = fn()
             for k, v in results[key].items():
-                print(f"  {k:24s} {v if not isinstance(v, float) else f'{v:.4g}'}")
+                if k != 'table':
+                    print(f"  {k:24s} {v if not isinstance(v, float) else f'{v:.4g}'}")
+    os.makedirs(os.path.dirname(cfg['out']) or '.', exist_ok=True)
     with open(cfg['out'], 'w') as f:
         json.dump(results, f, indent=1, default=str)
     print(f"wrote {cfg['out']} ({name})")

@@ -72,11 +72,11 @@ class Visual:
     latents: torch.Tensor = None  # [N, d], filled by the encoder
 
 
-def world_document(kind, rng, p_uncond=0.0, heldout=False):
+def world_document(kind, rng, p_uncond=0.0):
     """One document of the embedded world. kind: text | caption2image | image2caption | qa."""
     if kind == 'text':
         return [world.text_document(rng)]
-    scene = world.sample_scene(rng, heldout=heldout)
+    scene = world.sample_scene(rng)
     image = world.render(scene, rng=rng)
     if kind == 'caption2image':
         # classifier-free guidance: 10% of generation documents lose their caption (PAPER.md §4)

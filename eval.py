@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import world
-from sample import generate, load_checkpoint, text_to_image
+from sample import generate, load_checkpoint, text_to_image, to_uint8
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'
@@ -79,8 +79,7 @@ def generation_accuracy(model, tok, encoder, n, n_objects, heldout, steps, cfg_s
                   leave=False):
         scene = world.sample_scene(rng, n_objects, heldout=heldout)
         z = text_to_image(model, tok, world.caption(scene, rng), B=1, steps=steps, cfg_scale=cfg_scale, seed=i)
-        img = (encoder.decode(z)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        scores.append(score_scene(world.parse(img), scene))
+        scores.append(score_scene(world.parse(to_uint8(encoder.decode(z))[0]), scene))
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 

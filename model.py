@@ -215,7 +215,7 @@ class ModelConfig:
     moe_shared: str = 'modality'  # none | global | modality (PAPER.md Table 2)
     moe_balance: float = 0.01  # Switch load-balancing loss coefficient
     moe_z: float = 1e-3        # router z-loss coefficient
-    moe_dispatch: str = 'auto'  # auto | grouped | padded | loop
+    moe_dispatch: str = 'auto'  # auto | grouped | loop
     d_latent: int = 48         # encoder latent dim
     n_latent: int = 64         # latent tokens per visual block
     flow_target: str = 'v'     # v | x (PAPER.md §4)

@@ -54,7 +54,7 @@ moe_d_expert = 0          # moe: expert hidden size (0 = d_ff / moe_top_k: activ
 moe_shared = 'modality'   # moe: none | global | modality
 moe_balance = 0.01        # moe: load-balancing loss coefficient
 moe_z = 1e-3              # moe: router z-loss coefficient
-moe_dispatch = 'auto'     # moe: auto | grouped | padded | loop
+moe_dispatch = 'auto'     # moe: auto | grouped | loop
 flow_target = 'v'         # v | x
 flow_weight = 3.0
 shift = 3.0               # noise shift alpha; 0 = sqrt(N*d/4096) (= 0.87 for 64x48: see README)
