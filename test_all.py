@@ -454,20 +454,30 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path):
         assert torch.equal(v['exp_avg'], b_state['optimizer']['state'][k]['exp_avg'])
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
-    args = [*SMOKE, '--max_iters=3', '--eval_interval=3', '--batch_size=2']
-    one = run_train(*args, '--grad_accum=2', f'--out_dir={tmp_path / "one"}')
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          'train.py', *args, '--grad_accum=1', f'--out_dir={tmp_path / "two"}'],
-                         cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    s1, s2 = final_state(tmp_path / 'one'), final_state(tmp_path / 'two')
-    for k in s1['model']:  # equal up to the order of floating-point sums in the all-reduce
-        torch.testing.assert_close(s1['model'][k], s2['model'][k], atol=2e-6, rtol=1e-5)
+def torchrun(*args):
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'train.py', *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, mode):
+    """DDP (and FSDP2, which also has to gather a full checkpoint and resume from one) on 2 processes x 1
+    micro-step against 1 process x 2 micro-steps: the same weights, up to float summation order."""
+    args = [*SMOKE, '--eval_interval=3', '--batch_size=2']
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    for max_iters, resume in ((3, []), (6, ['--init_from=resume'])):
+        r1 = run_train(*args, f'--max_iters={max_iters}', '--grad_accum=2', f'--out_dir={one}', *resume)
+        assert r1.returncode == 0, r1.stderr[-2000:]
+        r2 = torchrun(*args, f'--max_iters={max_iters}', '--grad_accum=1', f'--out_dir={two}',
+                      f'--fsdp={mode == "fsdp"}', *resume)
+        assert r2.returncode == 0, r2.stderr[-3000:]
+        s1, s2 = final_state(one), final_state(two)
+        assert s1['step'] == s2['step'] == max_iters
+        for k in s1['model']:
+            torch.testing.assert_close(s1['model'][k], s2['model'][k], atol=2e-6, rtol=1e-5)
     import json
-    log1 = [json.loads(line) for line in open(tmp_path / 'one' / 'log.jsonl') if '"loss"' in line]
-    log2 = [json.loads(line) for line in open(tmp_path / 'two' / 'log.jsonl') if '"loss"' in line]
+    log1 = [json.loads(line) for line in open(one / 'log.jsonl') if '"loss"' in line]
+    log2 = [json.loads(line) for line in open(two / 'log.jsonl') if '"loss"' in line]
     assert [round(e['loss'], 4) for e in log1] == [round(e['loss'], 4) for e in log2]
 
 

@@ -74,6 +74,7 @@ eval_batches = 4
 log_interval = 10
 skip_nonfinite = False    # True: skip a step whose loss is NaN/inf instead of stopping
 compile = False
+fsdp = False              # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
 meta = False              # True: build the model on the meta device, print its parameter counts, exit
 # -----------------------------------------------------------------------------
 
@@ -173,11 +174,20 @@ def seed_of(*ints):
     return int(np.random.SeedSequence(list(ints)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def save_checkpoint(path, raw_model, optimizer, cfg, step, extra):
+def save_checkpoint(path, raw_model, optimizer, cfg, step, extra, sharded=False):
     """Everything needed to resume (the data position and all randomness follow from the step); written to a
-    temp file and renamed, so a crash during the write leaves the previous checkpoint intact."""
-    ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'config': cfg,
-            'model_config': asdict(raw_model.cfg), 'step': step, **extra}
+    temp file and renamed, so a crash during the write leaves the previous checkpoint intact. Call it on every
+    rank: FSDP gathers the full weights (a collective), and rank 0 writes."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_sd, optim_sd = get_state_dict(raw_model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
+    if int(os.environ.get('RANK', 0)) != 0:
+        return
+    ckpt = {'model': model_sd, 'optimizer': optim_sd, 'config': cfg, 'model_config': asdict(raw_model.cfg),
+            'step': step, **extra}
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -219,6 +229,13 @@ def main(argv):
                              seed=cfg['seed'], p_uncond=cfg['p_uncond'], text=text)
     dataset.get('train', 0)  # fail on a bad mixture / block size before building anything big
     model = Transfusion(mcfg).to(device)
+    counts = model.count_params()
+    sharded = ddp and cfg['fsdp']
+    if sharded:  # FSDP2: each block is one unit of all-gather / reduce-scatter; before the optimizer sees them
+        from torch.distributed.fsdp import fully_shard
+        for blk in model.blocks:
+            fully_shard(blk)
+        fully_shard(model)
     optimizer = model.configure_optimizer(cfg['learning_rate'], cfg['weight_decay'],
                                           (cfg['beta1'], cfg['beta2']), device.type)
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
@@ -227,16 +244,20 @@ def main(argv):
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"error: init_from='resume' but there is no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(ckpt['model'])
+            optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
     elif cfg['init_from'] != 'scratch':
         raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
-    counts = model.count_params()
     raw_model = model
     if cfg['compile']:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
@@ -263,8 +284,9 @@ def main(argv):
             if master:
                 tqdm.write(f"step {step}: " + ', '.join(f"{k} {v:.4f}" for k, v in res.items()))
             log_line({'step': step, **res})
-            if master and step > 0:
-                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()})
+            if step > 0:
+                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()},
+                                sharded)
         if last:
             break
 
@@ -283,7 +305,9 @@ def main(argv):
             torch.manual_seed(seed_of(cfg['seed'], step, g))
             batch = dataset.get('train', step, g).to(device)
             sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
-            with (nullcontext() if sync else model.no_sync()), ctx:
+            if sharded:
+                raw_model.set_requires_gradient_sync(sync)
+            with (nullcontext() if sync or sharded else model.no_sync()), ctx:
                 loss, m = model(batch)
                 (loss / cfg['grad_accum']).backward()
             sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
@@ -297,6 +321,8 @@ def main(argv):
             tqdm.write(f"step {step}: loss is {sums[2].item()}, step skipped")
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+            if hasattr(grad_norm, 'full_tensor'):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -313,8 +339,8 @@ def main(argv):
                 entry['moe_dead'] = (load == 0).sum(1).tolist()
             log_line(entry)
         if stop:
+            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()}, sharded)
             if master:
-                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()})
                 tqdm.write(f"SIGTERM: saved step {step} to {ckpt_path}; resume with --init_from=resume")
             break
     bar.close()
