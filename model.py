@@ -333,8 +333,7 @@ class Transfusion(nn.Module):
         flow_loss = per_tok.mean() if lat_sel.any() else pred.sum()
 
         loss = lm_loss + self.cfg.flow_weight * flow_loss
-        metrics = {'lm_loss': lm_loss.detach(), 'flow_loss': flow_loss.detach(),
-                   'n_text': text_sel.sum(), 'n_latent': lat_sel.sum()}
+        metrics = {'lm_loss': lm_loss.detach(), 'flow_loss': flow_loss.detach()}
         if self.cfg.ffn == 'moe':  # balance and z losses of every layer join the objective
             aux_loss = sum(a['balance'] + a['z'] for a in auxes)
             loss = loss + aux_loss

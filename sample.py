@@ -101,7 +101,7 @@ def peek_block(model, doc, kv, z, t):
     """Hidden states of a tentative visual block (z at time t) after the document, leaving doc and cache as
     they were: one Euler step."""
     B, N, _ = z.shape
-    saved = (doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks, doc.seen)
+    saved = (doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks)
     doc.add_latents(z, t)
     if kv is None:
         h = model.hidden(*doc.arrays())[0][:, -N:]
@@ -109,7 +109,7 @@ def peek_block(model, doc, kv, z, t):
         kv.store = False
         h = model.hidden(*doc.arrays(doc.seen), cache=kv)[0]
         kv.store = True
-    doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks, doc.seen = saved
+    doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks = saved
     return h
 
 
@@ -125,11 +125,18 @@ def next_token(model, h_last, temperature, top_k, generator):
 
 
 @torch.no_grad()
-def sample_image(model, tok, doc, uncond, kvs, steps, cfg_scale, generator):
-    """Generate the latents of one image after `doc` (which ends in <BOI>). `uncond` is the same sample's
-    unconditional document (<BOS><BOI>: the caption dropped, as in training) for classifier-free guidance."""
+def sample_image(model, tok, doc, kv, steps, cfg_scale, generator):
+    """Append <BOI> to `doc` and generate that image's latents [B, N, d]. Classifier-free guidance runs
+    against the unconditional document <BOS><BOI> (the caption dropped, as in training), with a cache of its
+    own when `doc` has one."""
     B = len(doc.tokens)
     cfg = model.cfg
+    doc.add_text([tok.boi])
+    advance(model, doc, kv)
+    uncond = start_doc(model, tok, [], B)
+    uncond.add_text([tok.boi])
+    kvs = (kv, KVCache(cfg.n_layer) if kv is not None else None)
+    advance(model, uncond, kvs[1])
     noise = torch.randn(B, cfg.n_latent, cfg.d_latent, generator=generator, device=doc.z.device)
 
     def velocity(z, t, cond):
@@ -161,14 +168,9 @@ def text_to_image(model, tok, caption, B=1, steps=25, cfg_scale=3.0, seed=0, use
     """B images for one caption: <BOS> caption <BOI> then the Euler sampler. Returns latents [B, N, d]."""
     model.eval()
     doc = start_doc(model, tok, [caption], B)
-    doc.add_text([tok.boi])
-    uncond = start_doc(model, tok, [], B)
-    uncond.add_text([tok.boi])
-    kvs = [KVCache(model.cfg.n_layer) if use_cache else None for _ in range(2)]
-    advance(model, doc, kvs[0])
-    advance(model, uncond, kvs[1])
     generator = torch.Generator(device=doc.z.device).manual_seed(seed)
-    return sample_image(model, tok, doc, uncond, kvs, steps, cfg_scale, generator)
+    return sample_image(model, tok, doc, KVCache(model.cfg.n_layer) if use_cache else None, steps, cfg_scale,
+                        generator)
 
 
 @torch.no_grad()
@@ -189,13 +191,7 @@ def generate(model, tok, segments, B=1, max_new_tokens=100, steps=25, cfg_scale=
     for _ in range(max_new_tokens):
         ids = next_token(model, h[:, -1], temperature, top_k, generator)
         if (ids == tok.boi).all():
-            doc.add_text([tok.boi])
-            advance(model, doc, kv)
-            uncond = start_doc(model, tok, [], B)
-            uncond.add_text([tok.boi])
-            kv_u = KVCache(cfg.n_layer) if use_cache else None
-            advance(model, uncond, kv_u)
-            z = sample_image(model, tok, doc, uncond, (kv, kv_u), steps, cfg_scale, generator)
+            z = sample_image(model, tok, doc, kv, steps, cfg_scale, generator)
             images.append(z)
             doc.add_latents(z)  # fed back clean (t = 1) as context for what follows
             advance(model, doc, kv)
