@@ -58,7 +58,8 @@ def bench_train(cfg, device):
     import train
     from model import Transfusion
     tok, encoder, text, mcfg = train.build(cfg)
-    dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], text=text)
+    dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], text=text,
+                             n_images=cfg['n_images'], cache_dir=cfg['cache_dir'])
     model = Transfusion(mcfg).to(device)
     opt = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.type)
     fwd = torch.compile(model) if cfg['compile'] else model

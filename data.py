@@ -16,12 +16,16 @@ Every batch is a pure function of (seed, split, step, index): resuming a run nee
 ranks read disjoint streams by asking for different indices (train.py: index = micro * world + rank).
 """
 
-import math
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+import video
 import world
 
 # -----------------------------------------------------------------------------
@@ -72,26 +76,64 @@ class Visual:
     latents: torch.Tensor = None  # [N, d], filled by the encoder
 
 
-def world_document(kind, rng, p_uncond=0.0):
-    """One document of the embedded world. kind: text | caption2image | image2caption | qa."""
+def world_document(kind, rng, pool, p_uncond=0.0):
+    """One document of the embedded world. kind: text | caption2image | image2caption | qa.
+    pool: (scenes, latents) of a split (see world_pool); the picture is one of its pictures, the text is
+    drawn fresh, so one picture appears under many captions and questions."""
     if kind == 'text':
         return [world.text_document(rng)]
-    scene = world.sample_scene(rng)
-    image = world.render(scene, rng=rng)
+    scenes, latents = pool
+    i = int(rng.integers(len(scenes)))
+    scene, z = scenes[i], torch.from_numpy(np.asarray(latents[i], dtype=np.float32))
     if kind == 'caption2image':
         # classifier-free guidance: 10% of generation documents lose their caption (PAPER.md §4)
         text = '' if rng.random() < p_uncond else world.caption(scene, rng)
-        return [text, Visual(image, target=True)] if text else [Visual(image, target=True)]
+        return [text, Visual(None, True, z)] if text else [Visual(None, True, z)]
     if kind == 'image2caption':
-        return [Visual(image, target=False), world.caption(scene, rng)]
+        return [Visual(None, False, z), world.caption(scene, rng)]
     if kind == 'qa':
         q, a = world.question_answer(scene, rng)
-        return [Visual(image, target=False), f"q: {q} a: {a}"]
+        return [Visual(None, False, z), f"q: {q} a: {a}"]
     raise ValueError(f"unknown document kind {kind!r}")
 
 
+KINDS = ('text', 'caption2image', 'image2caption', 'qa', 'video', 'action')
+# PAPER.md §2.5: text 50%, image-text 22.5%, video 25%, action-conditioned video 2.5% (the paper's shares are
+# of tokens; here they are of documents, and image-text is split evenly between the two directions)
+PAPER_MIXTURE = 'text=0.5,caption2image=0.1125,image2caption=0.1125,video=0.25,action=0.025'
+
+
+def video_document(kind, rng, split, n_frames):
+    """A clip of n_frames pictures, each its own visual block, block-causal across frames. The last frame is
+    always a TARGET; each earlier one is, with probability 1/2, a target too (noised with its own t) or else
+    clean context. That is Diffusion Forcing with clean context mixed in: with t drawn per frame (shifted
+    toward noise) a noised frame is almost never near-clean, yet a rollout conditions on clean frames.
+    (Measured: all frames noised -> rollouts from clean context decode to patchy noise.)
+    video: the motion in words, then the frames. action: an egocentric walk over a map (held-out maps in
+    the val split), the action between two frames written as text, numeric or in words."""
+    if kind == 'video':
+        frames, text = video.sample_video(rng, n_frames)
+        say, steps = None, [None] * (n_frames - 1)
+        doc = [text]
+    elif kind == 'action':
+        ids = video.map_ids('train' if split == 'train' else 'heldout')
+        frames, steps, _ = video.sample_trajectory(rng, ids[int(rng.integers(len(ids)))], n_frames)
+        say = video.format_words if rng.random() < 0.5 else video.format_action
+        doc = []
+    else:
+        raise ValueError(f"unknown video document kind {kind!r}")
+    target = list(rng.random(n_frames - 1) < 0.5) + [True]
+    for i, frame in enumerate(frames):
+        if i and say is not None:
+            doc.append(say(*steps[i - 1]))
+        doc.append(Visual(frame, bool(target[i])))
+    return doc
+
+
 def parse_mixture(spec):
-    """'text=0.3,caption2image=0.4,...' -> (kinds, probabilities); a clear error on anything malformed."""
+    """'text=0.3,caption2image=0.4,...' (or 'paper') -> (kinds, probabilities); a clear error on anything
+    malformed."""
+    spec = PAPER_MIXTURE if spec == 'paper' else spec
     kinds, weights = [], []
     for part in spec.split(','):
         name, _, w = part.partition('=')
@@ -99,7 +141,7 @@ def parse_mixture(spec):
             w = float(w)
         except ValueError:
             raise ValueError(f"mixture entry {part!r} is not name=weight") from None
-        if name not in ('text', 'caption2image', 'image2caption', 'qa') or w < 0:
+        if name not in KINDS or w < 0:
             raise ValueError(f"mixture entry {part!r}: unknown kind or negative weight")
         kinds.append(name)
         weights.append(w)
@@ -237,31 +279,107 @@ def image_tensor(images):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
 
 
+# -----------------------------------------------------------------------------
+# the picture pools and their latent cache
+
+SPLITS = {'train': 0, 'val': 1, 'rae': 2}   # rae: the pictures the RAE's encoder and decoder train on
+POOL_SEED = 0     # pools do not depend on the training seed, so every run shares one latent cache
+N_VAL = 1024      # held-out pictures
+
+
+def _pool_rng(split, i):
+    # picture i of a split has its own generator: any picture can be rebuilt alone, in any order
+    return np.random.default_rng([POOL_SEED, SPLITS[split], i])
+
+
+def world_scenes(split, n):
+    return [world.sample_scene(_pool_rng(split, i)) for i in range(n)]
+
+
+def picture(split, i, res=world.RES):
+    """Picture i of a split: a still scene (that of world_scenes), except in the rae split, where one in
+    four is a frame of a moving-object video or a view of a (training) navigation map, so that the RAE also
+    encodes and decodes what video documents show."""
+    rng = _pool_rng(split, i)
+    if split == 'rae' and i % 8 == 6:
+        ids = video.map_ids('train')
+        x, y = rng.integers(0, video.MAP_SIZE - res + 1, 2)
+        return video.view(video.make_map(ids[int(rng.integers(len(ids)))]), x, y, res)
+    if split == 'rae' and i % 8 == 7:
+        frames, _ = video.sample_video(rng, n_frames=int(rng.integers(1, 9)), res=res)
+        return frames[-1]
+    return world.render(world.sample_scene(rng), res, rng=rng)
+
+
+def world_images(split, n, res=world.RES, start=0):
+    """Pictures start..n-1 of a split: uint8 [n - start, res, res, 3]."""
+    return np.stack([picture(split, i, res) for i in range(start, n)])
+
+
+def latent_cache(encoder, split, n, cache_dir, batch_size=256):
+    """The split's first n pool pictures encoded once: float16 [n, N, d], memory-mapped from cache_dir.
+    The file name carries a hash of the encoder's weights and normalisation (an RAE's latents depend on its
+    encoder only, not its decoder), the split, n and the picture size: a changed encoder or data config
+    builds a new cache instead of reading a stale one. Written to a temp file and renamed when complete."""
+    core = getattr(encoder, 'encoder', encoder)
+    h = hashlib.sha1(f'{split},{n},{encoder.res},{POOL_SEED}'.encode())
+    for k, v in sorted(core.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes())
+    path = Path(cache_dir) / f'latents-{encoder.name}-{split}-{n}-{h.hexdigest()[:12]}.npy'
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + '.tmp.npy')
+        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=(n, encoder.n_tokens, encoder.d_latent))
+        with torch.no_grad():
+            for i in tqdm(range(0, n, batch_size), desc=f'encoding {n} {split} pictures ({encoder.name})'):
+                images = world_images(split, min(i + batch_size, n), encoder.res, start=i)
+                out[i:i + len(images)] = encoder.encode(image_tensor(images)).numpy()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode='r')
+
+
+def world_pool(encoder, split, n, cache_dir):
+    """(scenes, latents) of a split: what world documents draw their pictures from."""
+    return world_scenes(split, n), latent_cache(encoder, split, n, cache_dir)
+
+
 class WorldData:
     """Batches of packed world documents. `get(split, step, index)` is deterministic in its arguments."""
 
-    SPLITS = {'train': 0, 'val': 1}
-
-    def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, p_uncond=0.1, text=None):
+    def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, p_uncond=0.1, text=None,
+                 n_images=16384, cache_dir='cache', video_frames=5):
         self.tok, self.encoder, self.T, self.B = tok, encoder, block_size, batch_size
         self.kinds, self.probs = parse_mixture(mixture)
         self.seed, self.p_uncond = seed, p_uncond
         self.n_latent = encoder.n_tokens
         self.text = text  # real text (a str) replaces the world's text documents when given
+        self.n_images, self.cache_dir, self.pools = {'train': n_images, 'val': N_VAL}, cache_dir, {}
+        self.video_frames = video_frames
 
-    def documents(self, rng, kinds, probs, p_uncond):
+    def pool(self, split):
+        if split not in self.pools:
+            self.pools[split] = world_pool(self.encoder, split, self.n_images[split], self.cache_dir)
+        return self.pools[split]
+
+    def documents(self, rng, kinds, probs, p_uncond, split):
         while True:
             kind = kinds[rng.choice(len(kinds), p=probs)]
             if kind == 'text' and self.text is not None:
                 yield [text_chunk(self.text, rng, self.tok, self.T)]
+            elif kind in ('video', 'action'):
+                yield video_document(kind, rng, split, self.video_frames)
             else:
-                yield world_document(kind, rng, p_uncond)
+                pool = self.pool(split) if kind != 'text' else None
+                yield world_document(kind, rng, pool, p_uncond)
 
     def get(self, split, step, index=0, mixture=None):
         kinds, probs = (self.kinds, self.probs) if mixture is None else parse_mixture(mixture)
-        rng = np.random.default_rng([self.seed, self.SPLITS[split], step, index])
+        rng = np.random.default_rng([self.seed, SPLITS[split], step, index])
         p_uncond = self.p_uncond if split == 'train' else 0.0
-        docs = self.documents(rng, kinds, probs, p_uncond)
+        docs = self.documents(rng, kinds, probs, p_uncond, split)
         # first-fit packing: each document goes into the first row with room for it; rows close when
         # several documents in a row fit nowhere (the rest of a row is padding: ~5% instead of ~30%
         # for closing a row at the first document that does not fit)
@@ -270,7 +388,8 @@ class WorldData:
             d = next(docs)
             n = doc_length(d, self.tok, self.n_latent)
             if n > self.T:
-                raise ValueError(f"a world document of {n} tokens does not fit in block_size={self.T}")
+                raise ValueError(f"a world document of {n} tokens does not fit in block_size={self.T}"
+                                 + (" (fewer video_frames?)" if any(isinstance(x, Visual) for x in d[1:]) else ""))
             row = next((i for i in range(self.B) if free[i] >= n), None)
             if row is None:
                 misses += 1
@@ -278,16 +397,11 @@ class WorldData:
             rows[row].append(d)
             free[row] -= n
             misses = 0
-        visuals = [s for r in rows for d in r for s in d if isinstance(s, Visual)]
-        if visuals:
-            latents = self.encoder.encode(image_tensor([v.image for v in visuals]))
-            for v, z in zip(visuals, latents):
+        # video frames are drawn fresh (not from the pool): encode them here, all at once
+        frames = [s for r in rows for d in r for s in d if isinstance(s, Visual) and s.latents is None]
+        if frames:
+            with torch.no_grad():
+                latents = self.encoder.encode(image_tensor([v.image for v in frames]))
+            for v, z in zip(frames, latents):
                 v.latents = z
         return pack(rows, self.tok, self.T, self.encoder.d_latent)
-
-
-def fit_encoder(encoder, n_images=512, seed=0):
-    """Measure the encoder's latent normalisation on a fixed set of training images (deterministic)."""
-    rng = np.random.default_rng([seed, 99])
-    images = [world.render(world.sample_scene(rng), encoder.res, rng=rng) for _ in range(n_images)]
-    return encoder.fit(image_tensor(images))

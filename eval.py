@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import data
 import world
-from sample import generate, load_checkpoint, text_to_image, to_uint8
+import video
+from sample import generate, load_checkpoint, rollout, text_to_image, to_uint8
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'
@@ -35,6 +36,11 @@ n_prompts = 64            # generation prompts per (split, object count)
 steps = 25
 cfg_scale = 3.0
 n_questions = 200
+n_rollouts = 32           # held-out walks for the world-model error (checkpoints trained on action documents)
+context = 4               # true frames before the rollout
+horizon = 4               # predicted frames
+n_plans = 16              # planning episodes
+plan_steps = 10           # Euler steps per predicted frame while planning (CEM runs many rollouts)
 seed = 0
 device = 'auto'
 # -----------------------------------------------------------------------------
@@ -106,6 +112,85 @@ def understanding_accuracy(model, tok, encoder, n, seed):
     return {'accuracy': float(np.mean(correct)), 'chance': float(np.mean(chance))}
 
 
+def heldout_walks(n, n_frames, seed):
+    """n walks over held-out maps: (map id, frames uint8 [F, H, W, 3], actions [(dx, dy)], positions)."""
+    rng = np.random.default_rng([seed, 17])
+    ids = video.map_ids('heldout')
+    walks = []
+    for _ in range(n):
+        map_id = ids[int(rng.integers(len(ids)))]
+        walks.append((map_id, *video.sample_trajectory(rng, map_id, n_frames)))
+    return walks
+
+
+def encode_frames(encoder, frames):
+    """uint8 [B, F, H, W, 3] -> latents [B, F, N, d]."""
+    B, F = frames.shape[:2]
+    z = encoder.encode(data.image_tensor(list(frames.reshape(B * F, *frames.shape[2:]))))
+    return z.view(B, F, *z.shape[1:])
+
+
+@torch.no_grad()
+def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, batch=8):
+    """Roll the model out for `horizon` frames after `context` true frames of held-out walks, with the true
+    actions, and read the motion back from the pictures: the camera shift between consecutive decoded frames
+    (phase correlation, video.estimate_shift) against the action taken. RPE: per-step error of the shift;
+    ATE: error of the accumulated position, averaged over the rollout (PAPER.md §7's NWM metrics, in pixels).
+    The no-motion baseline predicts the last frame again: its shifts are 0."""
+    walks = heldout_walks(n, context + horizon, seed)
+    err = {'rpe': [], 'ate': [], 'rpe_still': [], 'ate_still': []}
+    for i in tqdm(range(0, n, batch), desc='world model rollouts', leave=False):
+        chunk = walks[i:i + batch]
+        frames = encode_frames(encoder, np.stack([w[1] for w in chunk]))
+        acts = [[video.format_action(*w[2][k]) for w in chunk] for k in range(context + horizon - 1)]
+        pred = rollout(model, tok, frames[:, :context], acts, steps, seed)
+        seq = torch.cat([frames[:, context - 1:context], pred], 1)   # the last true frame, then the predicted
+        pics = to_uint8(encoder.decode(seq.flatten(0, 1))).reshape(*seq.shape[:2], encoder.res, encoder.res, 3)
+        for b, w in enumerate(chunk):
+            est = np.array([video.estimate_shift(pics[b, k], pics[b, k + 1]) for k in range(horizon)])
+            true = np.array(w[2][context - 1:], dtype=float)
+            err['rpe'] += list(np.linalg.norm(est - true, axis=1))
+            err['ate'] += list(np.linalg.norm(np.cumsum(est, 0) - np.cumsum(true, 0), axis=1))
+            err['rpe_still'] += list(np.linalg.norm(true, axis=1))
+            err['ate_still'] += list(np.linalg.norm(np.cumsum(true, 0), axis=1))
+    res = {k: float(np.mean(v)) for k, v in err.items()}
+    res['ate_ratio'] = res['ate'] / res['ate_still']
+    return res
+
+
+@torch.no_grad()
+def planning(model, tok, encoder, n, context, steps, seed, population=32, iters=3, n_elite=6):
+    """Goal-reaching with the model as simulator (NWM-style, PAPER.md §7): after `context` frames of a
+    held-out walk, a goal view one action away is given; the cross-entropy method searches actions (dx, dy),
+    scoring each by the latent distance between the frame the model predicts for it and the goal's latents.
+    Returns the final position error (pixels) of the best plan, executed in the true world, and of a random
+    action."""
+    rng = np.random.default_rng([seed, 23])
+    lim = video.MAP_SIZE - encoder.res
+    plan_err, random_err = [], []
+    for map_id, frames, actions, positions in tqdm(heldout_walks(n, context, seed + 1), desc='planning',
+                                                   leave=False):
+        x, y = positions[-1]
+        goal = np.clip(np.array([x, y]) + rng.integers(-video.MAX_STEP, video.MAX_STEP + 1, 2), 0, lim)
+        z_goal = encoder.encode(data.image_tensor([video.view(video.make_map(map_id), *goal)]))
+        z_ctx = encode_frames(encoder, frames[None]).expand(population, -1, -1, -1)
+        acts = [video.format_action(*a) for a in actions]
+        mu, sd = np.zeros(2), np.full(2, video.MAX_STEP / 2)
+        for _ in range(iters):
+            cand = np.clip(np.round(mu + sd * rng.standard_normal((population, 2))), -video.MAX_STEP, video.MAX_STEP)
+            cand = np.clip(cand + [x, y], 0, lim) - [x, y]            # moves that keep the view on the map
+            pred = rollout(model, tok, z_ctx, acts + [[video.format_action(*c) for c in cand.astype(int)]],
+                           steps, seed)[:, 0]
+            cost = (pred - z_goal).square().mean((1, 2)).cpu().numpy()
+            elite = cand[np.argsort(cost)[:n_elite]]
+            mu, sd = elite.mean(0), elite.std(0) + 0.5
+        best = cand[np.argmin(cost)]
+        plan_err.append(np.linalg.norm(np.array([x, y]) + best - goal))
+        rand = np.clip(np.array([x, y]) + rng.integers(-video.MAX_STEP, video.MAX_STEP + 1, 2), 0, lim)
+        random_err.append(np.linalg.norm(rand - goal))
+    return {'cem_position_error': float(np.mean(plan_err)), 'random_position_error': float(np.mean(random_err))}
+
+
 @torch.no_grad()
 def expert_specialisation(model, dataset, n_batches):
     """Routing counts per layer on held-out batches of every kind -> the specialisation table (PAPER.md §6)."""
@@ -127,7 +212,9 @@ def main(argv):
     dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], dev)
     ts = [float(t) for t in cfg['t_grid'].split(',')]
-    dataset = data.WorldData(tok, encoder, tcfg['block_size'], tcfg['batch_size'], 'text=1', seed=tcfg['seed'])
+    dataset = data.WorldData(tok, encoder, tcfg['block_size'], tcfg['batch_size'], 'text=1', seed=tcfg['seed'],
+                             n_images=tcfg['n_images'], cache_dir=tcfg['cache_dir'],
+                             video_frames=tcfg['video_frames'])
 
     res = {'checkpoint': cfg['ckpt'], **held_out_losses(model, dataset, cfg['n_batches'], ts)}
     for n_obj in (1, 2):
@@ -138,6 +225,11 @@ def main(argv):
     if model.cfg.ffn == 'moe':
         res['experts'] = expert_specialisation(model, dataset, cfg['n_batches'])
     res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_questions'], cfg['seed'])
+    if 'action' in tcfg['mixture'] or tcfg['mixture'] == 'paper':
+        res['world_model'] = world_model_error(model, tok, encoder, cfg['n_rollouts'], cfg['context'],
+                                               cfg['horizon'], cfg['steps'], cfg['seed'])
+        res['planning'] = planning(model, tok, encoder, cfg['n_plans'], cfg['context'], cfg['plan_steps'],
+                                   cfg['seed'])
     res['chance'] = {'color': 1 / len(world.COLORS), 'shape': 1 / len(world.SHAPES),
                      'position': 1 / len(world.PLACES), 'understanding': res['understanding']['chance']}
 
@@ -152,6 +244,14 @@ def main(argv):
             print(f"{f'{key} {attr}':34s} {res[key][attr]:8.3f}   {'' if c is None else f'{c:.3f}'}")
     u = res['understanding']
     print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}")
+    if 'world_model' in res:
+        w, p = res['world_model'], res['planning']
+        label = f"world model ATE, {cfg['horizon']}-step rollout (px)"
+        print(f"{label:34s} {w['ate']:8.3f}   "
+              f"{w['ate_still']:.3f} (no motion)")
+        print(f"{'world model RPE (px)':34s} {w['rpe']:8.3f}   {w['rpe_still']:.3f} (no motion)")
+        print(f"{'planning: final position error (px)':34s} {p['cem_position_error']:8.3f}   "
+              f"{p['random_position_error']:.3f} (random action)")
     if 'experts' in res:
         shared = {'none': 0, 'global': 1, 'modality': 2}[model.cfg.moe_shared]
         print(f"\nexperts per layer ({model.cfg.moe_experts} routed + {shared} shared; text: S >= 0.5, "

@@ -243,6 +243,17 @@ class ModelConfig:
         return self.shift if self.shift > 0 else flow.shift_alpha(self.n_latent, self.d_latent)
 
 
+def frame_times(batch, alpha, t_fixed=None):
+    """t per position (B, T): one draw per visual block (each picture or video frame has its own t, Diffusion
+    Forcing), shared by the block's latent slots; context blocks and text are clean (t = 1)."""
+    B = batch.tokens.shape[0]
+    n_blocks = int(batch.block.max()) + 1 if batch.modality.any() else 1
+    t_block = flow.sample_t((B, n_blocks), alpha, device=batch.tokens.device)
+    if t_fixed is not None:
+        t_block = torch.full_like(t_block, t_fixed)
+    return torch.where(batch.lat_target, t_block.gather(1, batch.block.clamp(min=0)), 1.0)
+
+
 class Transfusion(nn.Module):
 
     def __init__(self, cfg):
@@ -313,12 +324,7 @@ class Transfusion(nn.Module):
 
         Each target visual block draws its own t (one per image / frame, Diffusion-Forcing style), or every
         target block takes t_fixed (eval on a grid of t); context blocks stay clean (t = 1), no flow loss."""
-        B, T = batch.tokens.shape
-        n_blocks = int(batch.block.max()) + 1 if batch.modality.any() else 1
-        t_block = flow.sample_t((B, n_blocks), self.cfg.alpha, device=batch.tokens.device)
-        if t_fixed is not None:
-            t_block = torch.full_like(t_block, t_fixed)
-        t = torch.where(batch.lat_target, t_block.gather(1, batch.block.clamp(min=0)), 1.0)  # (B, T)
+        t = frame_times(batch, self.cfg.alpha, t_fixed)
         noise = torch.randn_like(batch.latents)
         z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(batch.latents, noise, t), batch.latents)
         h, auxes = self.hidden(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, z, t)

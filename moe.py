@@ -149,7 +149,7 @@ class MoE(nn.Module):
 
     def _routed(self, x_TD, gate_TK, idx_TK, path):
         """Sum over each token's k routed experts of gate * expert(x), dropless."""
-        T, K, E = *idx_TK.shape, self.n_experts
+        K, E = idx_TK.shape[1], self.n_experts
         idx_S = idx_TK.reshape(-1)                      # expert of each (token, slot) pair, S = T k
         counts_E = torch.bincount(idx_S, minlength=E)
         order_S = torch.argsort(idx_S, stable=True)     # j-th pair in expert order = pair order_S[j]

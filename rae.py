@@ -1,27 +1,41 @@
 """
-Frozen visual encoders: images -> latents [N_tokens, d_latent], and back.
+Frozen visual encoders and the RAE: images -> latents [N_tokens, d_latent] -> images.
 
-Every encoder here is frozen. The decoder turns latents back into pixels (for the pixel encoder that is
-exact; representation encoders get a trained ViT decoder: the RAE of PAPER.md §6).
+A Representation Autoencoder (PAPER.md §6) is a frozen representation encoder plus a ViT pixel decoder trained
+to invert it. Three encoders live behind one boundary:
+    pixel   non-overlapping RGB patches (the paper's pixel baseline; decodes exactly, no decoder to train)
+    vit     a small ViT pretrained here on world pictures by masked autoencoding (MAE): the offline default
+    dinov2, siglip2   pretrained vision towers from Hugging Face checkpoints (pretrained.py)
 
-The boundary the rest of the code uses:
-    enc.encode(images)   images float [B, 3, H, W] in [0, 1]  ->  latents [B, N, d]  (normalised)
-    enc.decode(latents)  latents [B, N, d]                      ->  images [B, 3, H, W] (not clamped)
-    enc.n_tokens, enc.d_latent, enc.res
+    enc.encode(images)   images float [B, 3, H, W] in [0, 1]  ->  latents [B, N, d]  (normalised per channel)
+    enc.decode(latents)  latents [B, N, d]                      ->  images [B, 3, res, res] (not clamped)
+    enc.n_tokens, enc.d_latent, enc.res (the picture size it reads and writes)
+
+    python rae.py                              # build the default vit RAE (or reuse it) and score it
+    python rae.py --encoder=dinov2 --encoder_path=../shared/weights/dinov2-vits14
+    python rae.py --report=True                # pixel, vit and dinov2 side by side -> docs/rae.json
+
+Building one: pretrain the encoder (vit only), measure the latent normalisation on training pictures, encode
+the training pool once into the latent cache (data.py), then train the decoder on the cached latents with
+L1 + a feature loss (+ optional adversarial loss) and noise augmentation. Each stage shows progress,
+checkpoints every few hundred steps and resumes; the result is saved under cache_dir and reused.
 """
 
 import hashlib
 import json
+import math
 import os
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-import requests
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from pretrained import channel_stats
 
 # -----------------------------------------------------------------------------
 # pixels: the paper's pixel baseline (non-overlapping RGB patches, 14x14x3 = 588-d at 224²)
@@ -82,362 +96,432 @@ class PixelEncoder(nn.Module):
         mean, std = self._stats()
         return unpatchify(latents.float() * std + mean, self.patch)
 
-# -----------------------------------------------------------------------------
-# safetensors: read by hand. The format is one little-endian u64 header length, a JSON header
-# {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes. That is ~25 lines, so we read
-# it ourselves rather than add the `safetensors` package as a dependency for one function.
-
-_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
-              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
-              'U8': torch.uint8, 'BOOL': torch.bool}
-
-
-def read_safetensors(path):
-    """Read a .safetensors file into {name: tensor} (CPU, the stored dtype)."""
-    assert sys.byteorder == 'little', "safetensors data is little-endian; this reader assumes a little-endian host"
-    data = Path(path).read_bytes()
-    n = int.from_bytes(data[:8], 'little') if len(data) >= 8 else None
-    if n is None or 8 + n > len(data):
-        raise ValueError(f"{path}: truncated or not a safetensors file ({len(data)} bytes, "
-                         f"header claims {n} header bytes)")
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a safetensors file (the header is not JSON: {e})") from None
-    header.pop('__metadata__', None)
-    body = memoryview(data)[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if info['dtype'] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not support")
-        dtype, (start, end) = _ST_DTYPES[info['dtype']], info['data_offsets']
-        numel = 1
-        for s in info['shape']:
-            numel *= s
-        if end > len(body):
-            raise ValueError(f"{path}: truncated: tensor {name} ends at data byte {end}, the file has {len(body)}")
-        if end - start != numel * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} spans {end - start} bytes, shape {info['shape']} "
-                             f"of {info['dtype']} needs {numel * dtype.itemsize}")
-        # bytearray copy: frombuffer wants a writable buffer, and each tensor then owns its memory
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
-        out[name] = flat.reshape(info['shape'])
-    return out
-
 
 # -----------------------------------------------------------------------------
-# DINOv2 ViT. Module and parameter names follow Hugging Face's `Dinov2Model` exactly, so a checkpoint's
-# state dict loads without renaming (see ../shared/weights/dinov2-vits14/README.md for the key list).
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# a small ViT: the vit encoder, its MAE pretraining head and the pixel decoder are all this one module
 
 
-class Dinov2PatchEmbeddings(nn.Module):
+class Block(nn.Module):
+    """Pre-LN transformer block with full (bidirectional) attention: a picture is seen whole."""
 
-    def __init__(self, d, patch):
-        super().__init__()
-        self.projection = nn.Conv2d(3, d, kernel_size=patch, stride=patch)
-
-    def forward(self, x):
-        return self.projection(x).flatten(2).transpose(1, 2)   # [B, h*w, d], patches row-major
-
-
-class Dinov2Embeddings(nn.Module):
-
-    def __init__(self, d, patch, image_size, n_registers, pos_antialias):
-        super().__init__()
-        self.patch, self.grid, self.pos_antialias = patch, image_size // patch, pos_antialias
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.mask_token = nn.Parameter(torch.zeros(1, d))   # only for masked pretraining; kept so keys match
-        if n_registers:
-            self.register_tokens = nn.Parameter(torch.zeros(1, n_registers, d))
-        self.patch_embeddings = Dinov2PatchEmbeddings(d, patch)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, d))
-
-    def pos_embed(self, h, w):
-        """Position embeddings for an h x w patch grid: the stored grid resized with bicubic interpolation
-        to exactly (h, w) (align_corners=False, no '+0.1' offset). That is what HF Dinov2Model and the
-        reference ONNX graph do; Meta's original code (scale_factor=(n+0.1)/37) differs by up to 0.45.
-        HF's with-registers model does the same but with antialias=True, hence the flag."""
-        pos = self.position_embeddings
-        if (h, w) == (self.grid, self.grid):
-            return pos
-        d = pos.shape[-1]
-        grid = pos[:, 1:].reshape(1, self.grid, self.grid, d).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(h, w), mode='bicubic', align_corners=False,
-                             antialias=self.pos_antialias).to(pos.dtype)
-        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, d)], dim=1)
-
-    def forward(self, x):
-        B, _, H, W = x.shape
-        tokens = self.patch_embeddings(x)
-        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
-        tokens = tokens + self.pos_embed(H // self.patch, W // self.patch)
-        if hasattr(self, 'register_tokens'):   # registers go after CLS and carry no position embedding
-            tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(B, -1, -1), tokens[:, 1:]], dim=1)
-        return tokens
-
-
-class Dinov2SelfAttention(nn.Module):
-
-    def __init__(self, d, n_head, qkv_bias):
+    def __init__(self, d, n_head):
         super().__init__()
         self.n_head = n_head
-        self.query = nn.Linear(d, d, bias=qkv_bias)
-        self.key = nn.Linear(d, d, bias=qkv_bias)
-        self.value = nn.Linear(d, d, bias=qkv_bias)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x):
-        B, T, d = x.shape
-        q, k, v = (lin(x).view(B, T, self.n_head, d // self.n_head).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))
-        y = F.scaled_dot_product_attention(q, k, v)   # bidirectional, scale 1/sqrt(head_dim)
-        return y.transpose(1, 2).reshape(B, T, d)
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        return x + self.mlp(self.ln2(x))
 
 
-class Dinov2SelfOutput(nn.Module):
+class ViT(nn.Module):
+    """Linear in, learned position embeddings, blocks, final LayerNorm, optional linear out. `pos` [B, n] says
+    which positions the n given tokens sit at (MAE feeds the encoder only the visible ones)."""
 
-    def __init__(self, d):
+    def __init__(self, d_in, d, n_layer, n_head, n_pos, d_out=0, affine=True):
         super().__init__()
-        self.dense = nn.Linear(d, d)
+        self.inp = nn.Linear(d_in, d)
+        self.pos = nn.Parameter(torch.randn(n_pos, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, n_head) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.out = nn.Linear(d, d_out) if d_out else nn.Identity()
 
-    def forward(self, x):
-        return self.dense(x)
+    def forward(self, x, pos=None):
+        h = self.inp(x) + (self.pos if pos is None else self.pos[pos])
+        for block in self.blocks:
+            h = block(h)
+        return self.out(self.norm(h))
 
 
-class Dinov2Attention(nn.Module):
-    # two levels (attention.attention.query, attention.output.dense) only to reproduce HF's key names
+class VitEncoder(nn.Module):
+    """The offline default encoder: a ViT on 4x4 patches pretrained on world pictures by masked autoencoding
+    (MAE, He et al. 2022: hide 75% of the patches, predict their pixels from the rest). Why MAE: it needs no
+    augmentation design and no negative pairs, it trains in a couple of CPU minutes, and to fill in hidden
+    patches it must learn what the world is made of (objects, their colours, shapes and extents). Its
+    latents keep the pixel detail a decoder needs, and a linear probe shows they are semantic (README).
+    The latent is the last hidden state after a LayerNorm without affine (the RAE recipe), then standardised
+    per channel with statistics measured on training pictures (fit)."""
 
-    def __init__(self, d, n_head, qkv_bias):
+    name = 'vit'
+
+    def __init__(self, res=32, patch=4, d=64, n_layer=6, n_head=4):
         super().__init__()
-        self.attention = Dinov2SelfAttention(d, n_head, qkv_bias)
-        self.output = Dinov2SelfOutput(d)
+        if res % patch:
+            raise ValueError(f"image size {res} is not a multiple of the patch size {patch}")
+        self.res, self.patch = res, patch
+        self.n_tokens, self.d_latent = (res // patch) ** 2, d
+        self.vit = ViT(3 * patch * patch, d, n_layer, n_head, self.n_tokens, affine=False)
+        self.register_buffer('mean', torch.zeros(d))
+        self.register_buffer('std', torch.ones(d))
 
-    def forward(self, x):
-        return self.output(self.attention(x))
+    def patches(self, images):
+        if images.shape[-2:] != (self.res, self.res):
+            raise ValueError(f"vit encoder expects {self.res}x{self.res} images, got {tuple(images.shape[-2:])}")
+        return patchify(images.float() * 2 - 1, self.patch)
 
+    def raw_latents(self, images, keep=None):
+        """[B, 3, res, res] -> [B, N, d]; with keep [B, k], only those patches are seen (and returned)."""
+        x = self.patches(images)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        return self.vit(x, keep)
 
-class Dinov2LayerScale(nn.Module):
-
-    def __init__(self, d):
-        super().__init__()
-        self.lambda1 = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return x * self.lambda1
-
-
-class Dinov2MLP(nn.Module):
-
-    def __init__(self, d, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))   # exact (erf) GELU; the tanh form is off by ~2e-2
-
-
-class Dinov2Layer(nn.Module):
-    """Pre-norm block; each residual branch is scaled per channel by LayerScale."""
-
-    def __init__(self, d, n_head, mlp_hidden, eps, qkv_bias):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d, eps=eps)
-        self.attention = Dinov2Attention(d, n_head, qkv_bias)
-        self.layer_scale1 = Dinov2LayerScale(d)
-        self.norm2 = nn.LayerNorm(d, eps=eps)
-        self.mlp = Dinov2MLP(d, mlp_hidden)
-        self.layer_scale2 = Dinov2LayerScale(d)
-
-    def forward(self, x):
-        x = x + self.layer_scale1(self.attention(self.norm1(x)))
-        return x + self.layer_scale2(self.mlp(self.norm2(x)))
-
-
-class Dinov2Stack(nn.Module):
-
-    def __init__(self, n_layer, **block):
-        super().__init__()
-        self.layer = nn.ModuleList(Dinov2Layer(**block) for _ in range(n_layer))
-
-    def forward(self, x):
-        for block in self.layer:
-            x = block(x)
-        return x
-
-
-class Dinov2Encoder(nn.Module):
-    """Frozen DINOv2 ViT as an RAE encoder: images [B, 3, H, W] in [0, 1] -> latents [B, N, d].
-
-    encode() resizes to `res`, applies the ImageNet normalisation, runs the ViT, applies the final LayerNorm
-    *without* its affine (the RAE recipe: keep the LN statistics, drop weight/bias, so every token has zero
-    mean and unit variance over channels), drops CLS and registers, then standardises each channel with
-    the `mean`/`std` buffers measured by fit() (identity until fit).
-
-    The ViT's parameter names are HF Dinov2Model's; `mean`/`std` (latent normalisation) are the only extra
-    state-dict entries, so a checkpoint loads with strict=False, or through load_dinov2, which checks keys."""
-
-    name = 'dinov2'
-    LATENT_BUFFERS = ('mean', 'std')   # state-dict entries that are ours, not the checkpoint's
-
-    def __init__(self, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
-                 image_size=518, layer_norm_eps=1e-6, qkv_bias=True, num_register_tokens=0, pos_antialias=False,
-                 res=224):
-        super().__init__()
-        if res % patch_size:
-            raise ValueError(f"encoder resolution {res} is not a multiple of the patch size {patch_size}")
-        if hidden_size % num_attention_heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_attention_heads} heads")
-        self.res, self.patch, self.eps = res, patch_size, layer_norm_eps
-        self.n_registers = num_register_tokens
-        self.n_tokens = (res // patch_size) ** 2
-        self.d_latent = hidden_size
-        self.embeddings = Dinov2Embeddings(hidden_size, patch_size, image_size, num_register_tokens, pos_antialias)
-        self.encoder = Dinov2Stack(num_hidden_layers, d=hidden_size, n_head=num_attention_heads,
-                                   mlp_hidden=int(hidden_size * mlp_ratio), eps=layer_norm_eps, qkv_bias=qkv_bias)
-        self.layernorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        # fixed constants, not weights: non-persistent so they never show up as checkpoint keys
-        self.register_buffer('pixel_mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('pixel_std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('mean', torch.zeros(hidden_size))
-        self.register_buffer('std', torch.ones(hidden_size))
-
-    def trunk(self, pixel_values):
-        """ImageNet-normalised pixels [B, 3, H, W] -> tokens before the final LayerNorm [B, 1+R+N, d]."""
-        return self.encoder(self.embeddings(pixel_values))
-
-    def forward(self, pixel_values):
-        """HF's `last_hidden_state`: after the final LayerNorm with its affine, CLS and registers kept.
-        (HF's pooler_output is just out[:, 0].) Used to check against reference outputs."""
-        return self.layernorm(self.trunk(pixel_values))
-
-    def preprocess(self, images):
-        """[B, 3, H, W] in [0, 1], any size -> ImageNet-normalised [B, 3, res, res]."""
-        x = images.float()
-        if x.shape[-2:] != (self.res, self.res):
-            # antialias only acts when shrinking; bicubic overshoots, so clamp back into [0, 1]
-            x = F.interpolate(x, size=(self.res, self.res), mode='bicubic', align_corners=False,
-                              antialias=True).clamp(0, 1)
-        return (x - self.pixel_mean) / self.pixel_std
-
-    @torch.no_grad()
-    def raw_latents(self, images):
-        """Patch tokens after the affine-free final LayerNorm, before the fitted normalisation: [B, N, d]."""
-        h = self.trunk(self.preprocess(images))
-        h = F.layer_norm(h, (h.shape[-1],), eps=self.eps)
-        return h[:, 1 + self.n_registers:]
-
-    @torch.no_grad()
-    def fit(self, images, batch_size=64):
-        """Measure per-channel mean/std of the raw latents over training images [B, 3, H, W] in [0, 1]
-        (over images and token positions). Sums in float64, batch by batch, so big sets fit in memory."""
-        s = s2 = 0.
-        n = 0
-        for i in range(0, len(images), batch_size):
-            z = self.raw_latents(images[i:i + batch_size]).double().flatten(0, 1)
-            s, s2, n = s + z.sum(0), s2 + (z * z).sum(0), n + len(z)
-        mean = s / n
-        var = (s2 - n * mean * mean) / max(n - 1, 1)
-        self.mean.copy_(mean.float())
-        self.std.copy_(var.clamp(min=0).sqrt().float().clamp(min=1e-3))
+    def fit(self, images, batch_size=256):
+        mean, std = channel_stats(self.raw_latents, images, batch_size)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
         return self
 
-    @torch.no_grad()
     def encode(self, images):
         return (self.raw_latents(images) - self.mean) / self.std
 
 
-def check_state_dict(model, state, ignore=()):
-    """Compare a checkpoint with the model key by key; raise ValueError naming the first problem."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in ignore}
-    for k, shape in expected.items():
-        if k not in state:
-            raise ValueError(f"checkpoint is missing key {k!r} (expected shape {tuple(shape)})")
-        if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(f"checkpoint key {k!r} has shape {tuple(state[k].shape)}, expected {tuple(shape)}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"checkpoint has unexpected key {unexpected[0]!r} (shape {tuple(state[unexpected[0]].shape)})"
-                         + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+class RAE(nn.Module):
+    """A frozen encoder plus the ViT decoder trained to invert it: latents [B, N, d] -> pictures
+    [B, 3, res, res], each latent token decoding to one res/sqrt(N) square patch."""
+
+    def __init__(self, encoder, res=32, d=96, n_layer=3, n_head=4):
+        super().__init__()
+        g = int(round(encoder.n_tokens ** 0.5))
+        if g * g != encoder.n_tokens or res % g:
+            raise ValueError(f"{encoder.n_tokens} latent tokens do not tile a {res}x{res} picture")
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.name, self.n_tokens, self.d_latent, self.res, self.patch = \
+            encoder.name, encoder.n_tokens, encoder.d_latent, res, res // g
+        self.decoder = ViT(self.d_latent, d, n_layer, n_head, self.n_tokens, d_out=3 * self.patch ** 2)
+
+    def encode(self, images):
+        return self.encoder.encode(images)
+
+    def decode(self, latents):
+        return unpatchify(self.decoder(latents.float()), self.patch) + 0.5
+
+
+class PatchDiscriminator(nn.Module):
+    """A small convolutional critic scoring overlapping patches, for the optional adversarial loss."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(2 * width, 1, 3, 1, 1))
+
+    def forward(self, images):
+        return self.net(images * 2 - 1)
 
 
 # -----------------------------------------------------------------------------
-# loading: a local folder (config.json + model.safetensors) or a Hugging Face repo id, downloaded once
-
-HF_BASE_URL = 'https://huggingface.co'
+# training stages: MAE pretraining of the vit encoder, then the decoder
 
 
-def hf_download(repo, filename, cache_dir='~/.cache/beyond-llms', base_url=None, sha256=None, timeout=30):
-    """Fetch {base_url}/{repo}/resolve/main/{filename} into cache_dir/{owner--name}/ unless already there.
-    Streams to a temp file in the same folder and renames it, so an interrupted download never leaves a
-    half file that a later run would take for the real one."""
-    dest = Path(cache_dir).expanduser() / repo.replace('/', '--') / filename
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    url = f"{(base_url or HF_BASE_URL).rstrip('/')}/{repo}/resolve/main/{filename}"
-    fd, tmp = tempfile.mkstemp(prefix=filename + '.', suffix='.part', dir=dest.parent)
-    try:
-        digest, got = hashlib.sha256(), 0
-        try:
-            with os.fdopen(fd, 'wb') as f, requests.get(url, stream=True, timeout=timeout) as r:
-                r.raise_for_status()
-                # with a Content-Encoding, Content-Length counts compressed bytes: then skip the size check
-                total = None if r.headers.get('Content-Encoding') else int(r.headers.get('Content-Length', 0)) or None
-                with tqdm(total=total, unit='B', unit_scale=True, desc=filename) as bar:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        digest.update(chunk)
-                        got += len(chunk)
-                        bar.update(len(chunk))
-        except requests.HTTPError as e:
-            raise RuntimeError(f"downloading {url} failed: the server answered {e.response.status_code}") from None
-        except requests.RequestException as e:
-            raise RuntimeError(f"cannot reach {url} ({type(e).__name__}): offline? Pass a local folder with "
-                               f"config.json and model.safetensors instead.") from None
-        if total is not None and got != total:
-            raise RuntimeError(f"downloading {url}: got {got} bytes, Content-Length said {total}")
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise RuntimeError(f"downloading {url}: sha256 is {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+def seed_of(*ints):
+    return int(np.random.SeedSequence(list(ints)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def load_dinov2(path_or_repo, res=224, cache_dir='~/.cache/beyond-llms', base_url=None, sha256=None):
-    """A frozen Dinov2Encoder (eval mode, requires_grad False) from a local folder holding config.json and
-    model.safetensors, or from a Hugging Face repo id such as 'facebook/dinov2-small' (downloaded into
-    cache_dir once; base_url overrides https://huggingface.co; sha256 checks model.safetensors)."""
-    folder = Path(path_or_repo).expanduser()
-    if folder.is_dir():
-        config_path, weights_path = folder / 'config.json', folder / 'model.safetensors'
-        for p in (config_path, weights_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{p} not found: a DINOv2 folder needs config.json and model.safetensors")
-    elif str(path_or_repo).count('/') == 1 and not str(path_or_repo).startswith(('.', '/', '~')):
-        config_path = hf_download(path_or_repo, 'config.json', cache_dir, base_url)
-        weights_path = hf_download(path_or_repo, 'model.safetensors', cache_dir, base_url, sha256=sha256)
-    else:
-        raise FileNotFoundError(f"{path_or_repo!r} is neither a folder nor a Hugging Face repo id (owner/name)")
+def save_atomic(obj, path):
+    tmp = Path(str(path) + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
-    cfg = json.loads(Path(config_path).read_text())
-    if cfg.get('use_swiglu_ffn', False):
-        raise ValueError(f"{config_path}: SwiGLU DINOv2 (giant) is not supported")
-    if cfg.get('hidden_act', 'gelu') != 'gelu':
-        raise ValueError(f"{config_path}: hidden_act {cfg['hidden_act']!r} is not supported (only exact 'gelu')")
-    model = Dinov2Encoder(
-        hidden_size=cfg['hidden_size'], num_hidden_layers=cfg['num_hidden_layers'],
-        num_attention_heads=cfg['num_attention_heads'], mlp_ratio=cfg.get('mlp_ratio', 4),
-        patch_size=cfg.get('patch_size', 14), image_size=cfg.get('image_size', 518),
-        layer_norm_eps=cfg.get('layer_norm_eps', 1e-6), qkv_bias=cfg.get('qkv_bias', True),
-        num_register_tokens=cfg.get('num_register_tokens', 0),
-        # HF's with-registers model interpolates position embeddings with antialias; plain Dinov2Model without
-        pos_antialias=cfg.get('model_type') == 'dinov2_with_registers', res=res)
-    state = read_safetensors(weights_path)
-    check_state_dict(model, state, ignore=Dinov2Encoder.LATENT_BUFFERS)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)   # strict check done above
-    return model.eval().requires_grad_(False)
+
+def run_stage(name, path, modules, opts, steps, lr, step_fn, seed, save_every=200):
+    """The loop every stage shares: warmup + cosine (to 10%) on every optimizer, per-step randomness from
+    (seed, step) only, a checkpoint of modules + optimizers every save_every steps (temp file + rename), and
+    resume from it. A finished stage leaves its checkpoint at step == steps, so a rerun skips it."""
+    start = 0
+    if path.exists():
+        ck = torch.load(path, weights_only=True)
+        for m, sd in zip(modules + opts, ck['state']):
+            m.load_state_dict(sd)
+        start = ck['step']
+        print(f"{name}: {'done, reusing' if start >= steps else f'resuming from step {start} of'} {path}")
+    save = lambda step: save_atomic({'step': step, 'state': [m.state_dict() for m in modules + opts]}, path)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=start >= steps)
+    for step in bar:
+        scale = min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        for opt in opts:
+            for group in opt.param_groups:
+                group['lr'] = lr * scale
+        logs = step_fn(step, torch.Generator().manual_seed(seed_of(seed, step)))
+        if step % 10 == 0:
+            bar.set_postfix(logs)
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            save(step + 1)
+
+
+def adamw(params, lr):
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+
+
+def pretrain_mae(enc, images, steps, batch_size, path, seed=0, lr=2e-3, mask_ratio=0.75):
+    """Masked autoencoding on uint8 pictures [n, H, W, 3]: the encoder sees a random 25% of the patches, a
+    2-layer head (thrown away afterwards) predicts the pixels of all of them. Unlike MAE, the loss covers the
+    visible patches too: it makes each latent keep its own patch, which an RAE decoder must read back
+    (measured: hidden-only loss, 15% of held-out reconstructions parse; all patches, 100%)."""
+    N, d = enc.n_tokens, enc.d_latent
+    head = nn.ModuleDict({'vit': ViT(d, 64, 2, 4, N, d_out=3 * enc.patch ** 2)})
+    head.mask = nn.Parameter(torch.zeros(d))
+    opt = adamw(list(enc.parameters()) + list(head.parameters()), lr)
+    n_keep = N - int(N * mask_ratio)
+
+    def step_fn(step, gen):
+        x = image_batch(images, torch.randint(len(images), (batch_size,), generator=gen))
+        target = enc.patches(x)
+        keep = torch.rand(batch_size, N, generator=gen).argsort(1)[:, :n_keep]
+        h = enc.raw_latents(x, keep)
+        full = head.mask.expand(batch_size, N, d).scatter(1, keep[..., None].expand(-1, -1, d), h)
+        loss = F.mse_loss(head.vit(full), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {'mse': f'{loss.item():.4f}'}
+
+    enc.train()
+    run_stage('MAE pretraining (vit encoder)', path, [enc, head], [opt], steps, lr, step_fn, seed)
+    return enc.eval().requires_grad_(False)
+
+
+def train_decoder(rae, latents, images, steps, batch_size, path, seed=0, lr=3e-3, tau=0.8, feat_weight=0.1,
+                  gan_weight=0.0, gan_start=0):
+    """Train rae.decoder on cached latents [n, N, d] of the uint8 pictures [n, H, W, 3].
+    Loss: L1 on pixels + feat_weight * MSE between the re-encoded reconstruction and the latent (a feature
+    loss in the encoder's own space, our LPIPS stand-in; skipped with feat_weight=0, e.g. for big encoders
+    on a CPU) + an optional hinge adversarial loss whose weight adapts to ||grad rec|| / ||grad adv|| at the
+    decoder's last layer (as in RAE/VQGAN, capped at 1e4), from step gan_start.
+    Noise augmentation (PAPER.md §6: RAE's code, sigma = tau * U(0, 1) per picture): the decoder also learns
+    to decode the slightly-off latents a diffusion model produces."""
+    dec = rae.decoder
+    n_feat = max(1, batch_size // 4)   # the feature loss backpropagates through the encoder: a quarter batch
+    modules, opts = [dec], [adamw(dec.parameters(), lr)]
+    if gan_weight:
+        disc = PatchDiscriminator()
+        modules.append(disc)
+        opts.append(adamw(disc.parameters(), lr))
+
+    def step_fn(step, gen):
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x = image_batch(images, idx)
+        z = torch.from_numpy(np.asarray(latents[idx.numpy()], dtype=np.float32))
+        sigma = tau * torch.rand(batch_size, 1, 1, generator=gen)
+        x_hat = rae.decode(z + sigma * torch.randn(z.shape, generator=gen))
+        l1 = F.l1_loss(x_hat, x)
+        loss = l1 + feat_weight * F.mse_loss(rae.encode(x_hat[:n_feat]), z[:n_feat]) if feat_weight else l1
+        logs = {'l1': f'{l1.item():.4f}'}
+        if gan_weight and step >= gan_start:
+            adv = -disc(x_hat).mean()
+            last = dec.out.weight
+            g_rec = torch.autograd.grad(loss, last, retain_graph=True)[0].norm()
+            g_adv = torch.autograd.grad(adv, last, retain_graph=True)[0].norm()
+            loss = loss + gan_weight * (g_rec / (g_adv + 1e-4)).clamp(max=1e4).detach() * adv
+        opts[0].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[0].step()
+        if gan_weight and step >= gan_start:
+            d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(x_hat.detach())).mean()
+            opts[1].zero_grad(set_to_none=True)
+            d_loss.backward()
+            opts[1].step()
+            logs['d'] = f'{d_loss.item():.3f}'
+        return logs
+
+    dec.train()
+    run_stage(f'decoder training ({rae.name})', path, modules, opts, steps, lr, step_fn, seed)
+    dec.eval()
+    return rae
+
+
+def image_batch(images, idx):
+    """uint8 [n, H, W, 3] numpy, indices -> float [B, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images[idx.numpy()])).permute(0, 3, 1, 2).float().div(255)
+
+
+# -----------------------------------------------------------------------------
+# building an encoder from a config (or reusing it): shared by train.py, sample.py, eval.py and `python rae.py`
+
+encoder = 'vit'           # pixel | vit | dinov2 | siglip2
+encoder_path = ''         # dinov2 / siglip2: a local folder (config.json + model.safetensors) or a HF repo id
+cache_dir = 'cache'       # built RAEs and latent caches, reused by later runs
+image_size = 32
+patch_size = 4            # 4x4 patches: 64 latent tokens per picture
+n_images = 16384          # pictures the MAE and the decoder train on (data.py's rae split)
+mae_steps = 1000
+decoder_steps = 800
+batch = 64
+tau = 0.8                 # decoder noise augmentation (PAPER.md §6)
+feat_weight = 0.1         # feature loss weight (vit only: backpropagating through a big pretrained tower is slow)
+gan_weight = 0.0          # adversarial loss weight (0 = off)
+gan_start = 600
+report = False            # True: score pixel, vit (and dinov2 from ../shared) side by side -> docs/rae.json
+RECIPE = 2                # bump when the building code changes what it builds: old cached RAEs are then rebuilt
+SETTINGS = {k: v for k, v in dict(globals()).items() if k in (
+    'encoder', 'encoder_path', 'cache_dir', 'image_size', 'patch_size', 'n_images', 'mae_steps', 'decoder_steps',
+    'batch', 'tau', 'feat_weight', 'gan_weight', 'gan_start')}
+
+
+def build_encoder(cfg, fit=True):
+    """The encoder a config dict names (keys missing from cfg take rae.py's defaults), ready to use.
+    fit=False: only the skeleton (a checkpoint will bring the weights). Otherwise the pixel encoder measures
+    its normalisation, and an RAE is loaded from cache_dir, or built there: every stage checkpoints and
+    resumes, so a killed build continues where it stopped."""
+    c = {k: cfg.get(k, v) for k, v in SETTINGS.items()}
+    res, grid = c['image_size'], c['image_size'] // c['patch_size']
+    if c['encoder'] not in ('pixel', 'vit', 'dinov2', 'siglip2'):
+        raise ValueError(f"unknown encoder {c['encoder']!r}: pick pixel, vit, dinov2 or siglip2")
+    if c['encoder'] in ('dinov2', 'siglip2') and not c['encoder_path']:
+        raise ValueError(f"encoder={c['encoder']} needs encoder_path: a local folder or a Hugging Face repo id "
+                         f"(e.g. facebook/dinov2-small, google/siglip2-base-patch16-224)")
+    import data
+    if c['encoder'] == 'pixel':
+        enc = PixelEncoder(res, c['patch_size'])
+        if fit:
+            enc.fit(image_batch(data.world_images('train', 2048, res), torch.arange(2048)))
+        return enc
+    with torch.random.fork_rng():    # building must not move the caller's RNG (train.py seeds the model first)
+        torch.manual_seed(0)
+        if c['encoder'] == 'vit':
+            enc = VitEncoder(res, c['patch_size'])
+        elif c['encoder'] == 'dinov2':
+            import pretrained
+            enc = pretrained.load_dinov2(c['encoder_path'], res=14 * grid)
+        else:
+            import pretrained
+            enc = pretrained.load_siglip2(c['encoder_path'], grid=grid)
+        rae = RAE(enc, res)
+    if not fit:
+        return rae
+    unused = {'cache_dir'} | ({'encoder_path'} if c['encoder'] == 'vit' else {'mae_steps', 'feat_weight'})
+    keys = [k for k in SETTINGS if k not in unused]
+    key = json.dumps({'recipe': RECIPE, **{k: c[k] for k in keys}}, sort_keys=True)
+    key = hashlib.sha1(key.encode()).hexdigest()[:10]
+    folder = Path(c['cache_dir'])
+    path = folder / f"rae-{c['encoder']}-{key}.pt"
+    if path.exists():
+        rae.load_state_dict(torch.load(path, weights_only=True))
+        print(f"reusing the {c['encoder']} RAE {path}")
+        return rae
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"building the {c['encoder']} RAE (saved to {path} and reused afterwards)")
+    images = data.world_images('rae', c['n_images'], res)
+    stage = lambda name: folder / f"rae-{c['encoder']}-{key}.{name}.pt"
+    with torch.random.fork_rng():
+        if c['encoder'] == 'vit':
+            enc.requires_grad_(True)
+            pretrain_mae(enc, images, c['mae_steps'], c['batch'], stage('mae'))
+        with torch.no_grad():
+            enc.fit(image_batch(images, torch.arange(min(len(images), 4096))))
+        latents = data.latent_cache(rae, 'rae', c['n_images'], folder)
+        train_decoder(rae, latents, images, c['decoder_steps'], c['batch'], stage('decoder'), tau=c['tau'],
+                      feat_weight=c['feat_weight'] if c['encoder'] == 'vit' else 0.0,
+                      gan_weight=c['gan_weight'], gan_start=c['gan_start'])
+    save_atomic(rae.state_dict(), path)
+    for name in ('mae', 'decoder'):
+        stage(name).unlink(missing_ok=True)
+    print(f"saved the {c['encoder']} RAE to {path}")
+    return rae
+
+
+def check_width(d_model, enc):
+    """The RAE rule (PAPER.md §6): a transformer narrower than the latent cannot even fit one picture."""
+    if d_model < enc.d_latent:
+        print(f"warning: d_model={d_model} is below the {enc.name} latent dimension {enc.d_latent}: the flow loss "
+              f"is bounded below by (d-w)/d = {(enc.d_latent - d_model) / enc.d_latent:.2f} (PAPER.md §6)",
+              file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# scoring: reconstruction PSNR and parse accuracy, a linear probe, throughput
+
+
+def to_uint8(images):
+    """float [B, 3, H, W] in ~[0, 1] -> uint8 [B, H, W, 3]."""
+    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def largest_shape(scene):
+    """The probe's label: the shape of the largest object (ties: the first in reading order)."""
+    return __import__('world').SHAPES.index(max(scene, key=lambda o: (o.size == 'large', -o.place)).shape)
+
+
+@torch.no_grad()
+def mean_latents(enc, images, batch_size=256):
+    return torch.cat([enc.encode(image_batch(images, torch.arange(i, min(i + batch_size, len(images)))))
+                      .mean(1) for i in range(0, len(images), batch_size)])
+
+
+def linear_probe(train_x, train_y, test_x, test_y, n_class, steps=300):
+    """Multinomial logistic regression (L-BFGS, light L2) on standardised features; returns test accuracy."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mu) / sd, (test_x - mu) / sd
+    w = torch.zeros(train_x.shape[1], n_class, requires_grad=True)
+    b = torch.zeros(n_class, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn='strong_wolfe')
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(train_x @ w + b, train_y) + 1e-4 * w.square().sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return ((test_x @ w + b).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def score(enc, n_val=1024, n_probe=4096):
+    """Reconstruction of held-out pictures (PSNR, fraction parsing to the true scene), a linear probe of the
+    mean latent on the largest object's shape, and encode/decode throughput (pictures/s)."""
+    import data
+    import world
+    images, scenes = data.world_images('val', n_val, enc.res), data.world_scenes('val', n_val)
+    recon, t_enc, t_dec = [], 0.0, 0.0
+    for i in tqdm(range(0, n_val, 128), desc=f'scoring {enc.name}'):
+        x = image_batch(images, torch.arange(i, min(i + 128, n_val)))
+        t0 = time.perf_counter()
+        z = enc.encode(x)
+        t1 = time.perf_counter()
+        recon.append(enc.decode(z).clamp(0, 1))
+        t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
+    recon = torch.cat(recon)
+    truth = image_batch(images, torch.arange(n_val))
+    psnr = (10 * torch.log10(1 / (recon - truth).square().mean((1, 2, 3)).clamp(min=1e-10))).mean().item()
+    parsed = sum(world.parse(r) == tuple(sorted(s)) for r, s in zip(to_uint8(recon), scenes)) / n_val
+    train_images, train_scenes = data.world_images('train', n_probe, enc.res), data.world_scenes('train', n_probe)
+    label = lambda ss: torch.tensor([largest_shape(s) for s in ss])
+    with torch.enable_grad():
+        probe = linear_probe(mean_latents(enc, train_images), label(train_scenes), mean_latents(enc, images),
+                             label(scenes), len(world.SHAPES))
+    return {'encoder': enc.name, 'n_tokens': enc.n_tokens, 'd_latent': enc.d_latent, 'psnr': psnr,
+            'parse_accuracy': parsed, 'probe_largest_shape': probe, 'probe_chance': 1 / len(world.SHAPES),
+            'encode_per_s': n_val / t_enc, 'decode_per_s': n_val / t_dec}
+
+
+def main(argv):
+    from train import configure
+    cfg = configure({**SETTINGS, 'report': report}, argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    if not cfg['report']:
+        res = score(build_encoder(cfg))
+        print(json.dumps(res, indent=1))
+        return
+    names = ['pixel', 'vit'] + (['dinov2'] if DINOV2_LOCAL.is_dir() else [])
+    rows = []
+    for name in names:
+        over = {'encoder': name, 'n_images': 4096, 'encoder_path': str(DINOV2_LOCAL)} if name == 'dinov2' \
+            else {'encoder': name}
+        rows.append(score(build_encoder({**cfg, **over})))
+    print(f"{'encoder':8} {'N x d':>8} {'PSNR':>6} {'parsed':>7} {'probe':>6} {'enc/s':>7} {'dec/s':>7}")
+    for r in rows:
+        print(f"{r['encoder']:8} {r['n_tokens']:>3}x{r['d_latent']:<4} {r['psnr']:6.1f} {r['parse_accuracy']:7.3f} "
+              f"{r['probe_largest_shape']:6.3f} {r['encode_per_s']:7.0f} {r['decode_per_s']:7.0f}")
+    Path('docs').mkdir(exist_ok=True)
+    Path('docs/rae.json').write_text(json.dumps(rows, indent=1))
+    print("wrote docs/rae.json")
+
+
+DINOV2_LOCAL = Path(__file__).resolve().parent.parent / 'shared' / 'weights' / 'dinov2-vits14'
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -25,8 +25,9 @@ from model import KVCache
 # -----------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'
 out_dir = ''              # '' = <checkpoint folder>/samples
-mode = 'all'              # all | text | t2i | i2t | interleaved
+mode = 'all'              # all | text | t2i | i2t | interleaved | rollout
 prompt = ''
+actions = ''              # rollout: ';'-separated, e.g. 'right x2, up; action: dx=+1, dy=0' ('' = a held-out walk's)
 image = ''                # i2t: a PNG/JPEG file; '' = a held-out world image
 n = 8                     # t2i: images per prompt
 steps = 25                # Euler steps (PAPER.md §3)
@@ -210,6 +211,43 @@ def generate(model, tok, segments, B=1, max_new_tokens=100, steps=25, cfg_scale=
     return ids, images
 
 
+@torch.no_grad()
+def rollout(model, tok, frames, actions, steps=25, seed=0, use_cache=True):
+    """Action-conditioned prediction (PAPER.md §7), for B walks at once. frames: latents of the F context
+    frames [B, F, N, d]; actions: F - 1 + H action texts, each a list of B strings (or one string for all)
+    whose token counts agree across B (numeric actions always do). Frame k + 1 follows action k. Each of the
+    H new frames is predicted from the last F frames and the actions between them, the layout of a training
+    clip of F + 1 frames (a sliding window, as NWM conditions on its last 4 frames): <BOS> f a f a ... f a,
+    then Euler steps without guidance (no action was ever dropped in training). Returns [B, H, N, d]."""
+    model.eval()
+    B, F = frames.shape[:2]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = []
+    for act in actions:
+        texts = [act] * B if isinstance(act, str) else act
+        enc = [tok.encode(a) for a in texts]
+        if len({len(e) for e in enc}) != 1:
+            raise ValueError(f"action texts {texts} tokenize to different lengths; batch equal-length ones")
+        ids.append(torch.tensor(enc, device=device))
+    seq = list(frames.to(device).unbind(1))
+    for h in range(len(actions) - (F - 1)):
+        doc = Doc(tok, B, model.cfg.d_latent, device)
+        doc.add_text([tok.bos])
+        first = len(seq) - F      # index of the window's first frame
+        for k in range(F):
+            doc.add_text([tok.boi])
+            doc.add_latents(seq[first + k])
+            doc.add_text([tok.eoi])
+            doc.add_text(ids[first + k])
+        if len(doc) + model.cfg.n_latent + 1 > model.cfg.block_size:
+            raise ValueError(f"a rollout window of {F} frames and their actions takes {len(doc)} tokens, too many "
+                             f"for this model's context of {model.cfg.block_size} (train with block_size=512)")
+        kv = KVCache(model.cfg.n_layer) if use_cache else None
+        seq.append(sample_image(model, tok, doc, kv, steps, 1.0, generator))   # opens the block with <BOI>
+    return torch.stack(seq[F:], 1)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints and pictures
 
@@ -223,8 +261,9 @@ def load_checkpoint(path, device='cpu'):
         raise SystemExit(f"error: no checkpoint at {path} (train one first: python train.py)")
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-        # keys added to train.py after the checkpoint was written take their defaults
-        cfg, mcfg = {**train.knobs(vars(train)), **ck['config']}, ModelConfig(**ck['model_config'])
+        # keys added to train.py after the checkpoint was written take their defaults; checkpoints from
+        # before the RAE encoders used pixels
+        cfg, mcfg = {**train.knobs(vars(train)), 'encoder': 'pixel', **ck['config']}, ModelConfig(**ck['model_config'])
         tok, encoder, _, _ = train.build(cfg, fit=False)  # the checkpoint brings the encoder's statistics
         model = Transfusion(mcfg).to(device)
         model.load_state_dict(ck['model'])
@@ -267,12 +306,43 @@ def read_image(path, res):
     return data.image_tensor([img])
 
 
+def write_rollout(model, tok, encoder, actions, path, steps, seed, context=4):
+    """A held-out walk's first `context` frames, then the model's frames for `actions` (';'-separated text,
+    numeric or words; '' = the walk's own next 4 actions), as a GIF: the model above, the true world below."""
+    import video
+    rng = np.random.default_rng([seed, 9])
+    ids = video.map_ids('heldout')
+    map_id = ids[int(rng.integers(len(ids)))]
+    frames, walk, positions = video.sample_trajectory(rng, map_id, context + 4)
+    own = [video.format_action(*a) for a in walk[context - 1:]]
+    texts = [a.strip() for a in actions.split(';')] if actions else own
+    try:
+        moves = [video.parse_action(a) for a in texts]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    (x, y), truth = positions[context - 1], list(frames[:context])
+    for dx, dy in moves:
+        x, y = x + dx, y + dy
+        try:
+            truth.append(video.view(video.make_map(map_id), x, y, encoder.res))
+        except ValueError:
+            raise SystemExit(f"error: the actions {actions!r} walk off the map (to x={x}, y={y})")
+    device = next(model.parameters()).device
+    z = encoder.encode(data.image_tensor(list(frames[:context])).to(device))[None]
+    try:
+        pred = rollout(model, tok, z, [video.format_action(*a) for a in walk[:context - 1]] + texts, steps, seed)[0]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    top = np.concatenate([frames[:context], to_uint8(encoder.decode(pred))])
+    video.write_gif(path, np.concatenate([top, np.stack(truth)], axis=1), fps=2, scale=4)
+
+
 def main(argv):
     import train
     import world
     cfg = train.configure(train.knobs(globals()), argv)
-    if cfg['mode'] not in ('all', 'text', 't2i', 'i2t', 'interleaved'):
-        raise SystemExit(f"error: mode must be all, text, t2i, i2t or interleaved, got {cfg['mode']!r}")
+    if cfg['mode'] not in ('all', 'text', 't2i', 'i2t', 'interleaved', 'rollout'):
+        raise SystemExit(f"error: mode must be all, text, t2i, i2t, interleaved or rollout, got {cfg['mode']!r}")
     dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], dev)
     out = cfg['out_dir'] or os.path.join(os.path.dirname(cfg['ckpt']) or '.', 'samples')
@@ -319,6 +389,10 @@ def main(argv):
             path = os.path.join(out, 'interleaved.png')
             save_grid(path, to_uint8(encoder.decode(torch.cat(images))))
             print(f"[interleaved] wrote {path}")
+    if cfg['mode'] == 'rollout' or (cfg['mode'] == 'all' and 'action' in tcfg['mixture']):
+        path = os.path.join(out, 'rollout.gif')
+        write_rollout(model, tok, encoder, cfg['actions'], path, cfg['steps'], cfg['seed'])
+        print(f"[rollout] wrote {path} (top: the model, bottom: the true world)")
 
 
 if __name__ == '__main__':

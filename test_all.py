@@ -215,7 +215,7 @@ def test_tiktoken_tokenizer_wraps_a_bpe_encoding_without_downloading():
 
 def test_mixture_spec_errors_are_clear():
     assert data.parse_mixture('text=1,qa=3') == (['text', 'qa'], [0.25, 0.75])
-    for bad in ('text', 'video=1', 'text=-1', 'text=0'):
+    for bad in ('text', 'movie=1', 'text=-1', 'text=0'):
         with pytest.raises(ValueError):
             data.parse_mixture(bad)
 
@@ -373,6 +373,15 @@ def test_sample_writes_a_png_grid_that_reads_back(tiny_ckpt, tmp_path):
     assert img.shape == ((32 + 1) * 4 + 4, 3 * (32 + 1) * 4 + 4, 3) and img.dtype == np.uint8
 
 
+def test_sample_writes_a_rollout_gif_of_the_model_above_the_true_world(tiny_ckpt, tmp_path):
+    import imageio.v3 as iio
+    r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=rollout', '--steps=2', f'--out_dir={tmp_path}',
+                   '--actions=right x2, up; action: dx=-1, dy=+3')
+    assert r.returncode == 0, r.stderr[-2000:]
+    frames = iio.imread(tmp_path / 'rollout.gif', index=None)   # 4 context frames, then 2 predicted
+    assert frames.shape[:3] == (4 + 2, 2 * 32 * 4, 32 * 4)
+
+
 def test_eval_writes_every_score_with_its_chance_level(tiny_ckpt, tmp_path):
     import json
     out = tmp_path / 'eval.json'
@@ -398,8 +407,10 @@ def test_scene_scores_count_each_attribute():
 @pytest.mark.parametrize('args, words', [
     (['--ckpt=nowhere/ckpt.pt'], 'no checkpoint at nowhere/ckpt.pt'),
     (['--mode=i2t', '--image=README.md'], 'cannot read image README.md'),
-    (['--prompt=' + 'x' * 300], 'this model\'s context leaves room for'),
+    (['--prompt=' + 'x' * 600], 'this model\'s context leaves room for'),
     (['--mode=dream'], 'mode must be'),
+    (['--mode=rollout', '--actions=left; jump'], "cannot read the action 'jump'"),
+    (['--mode=rollout', '--actions=left x90'], 'walk off the map'),
 ])
 def test_sample_refuses_bad_input_with_one_clear_sentence(tiny_ckpt, args, words):
     if not any(a.startswith('--ckpt') for a in args):

@@ -34,11 +34,18 @@ dtype = 'auto'            # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat1
 tokenizer = 'byte'        # byte | a tiktoken encoding name (gpt2)
 vocab_size = 0            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
 text_source = ''          # '' = the world's text documents; else a .txt path or http(s) URL of real text
-mixture = 'text=0.2,caption2image=0.5,image2caption=0.15,qa=0.15'
+mixture = 'text=0.2,caption2image=0.5,image2caption=0.15,qa=0.15'   # + video, action; 'paper': §2.5
+video_frames = 5          # frames per video / action clip (each 64 latents + 2): must fit in block_size
 p_uncond = 0.1            # caption dropout for classifier-free guidance (PAPER.md §4)
 image_size = 32
-patch_size = 4            # pixel encoder: (32/4)^2 = 64 tokens x 48 dims
-block_size = 256
+patch_size = 4            # (32/4)^2 = 64 latent tokens per picture
+encoder = 'vit'           # pixel | vit | dinov2 | siglip2: the frozen RAE encoder (rae.py; built once into cache_dir)
+encoder_path = ''         # dinov2 / siglip2: a local folder or a Hugging Face repo id
+cache_dir = 'cache'       # built RAEs and latent caches, shared by every run
+n_images = 16384          # training pictures, encoded once into the latent cache
+mae_steps = 1000          # vit encoder pretraining steps (rae.py)
+decoder_steps = 800      # RAE decoder training steps (rae.py)
+block_size = 256          # clips need 512 (config/world.py)
 batch_size = 16
 grad_accum = 1
 # model
@@ -133,9 +140,8 @@ def build(cfg, fit=True):
     import rae
     from model import ModelConfig
     tok = data.get_tokenizer(cfg['tokenizer'])
-    encoder = rae.PixelEncoder(cfg['image_size'], cfg['patch_size'])
-    if fit:
-        data.fit_encoder(encoder)
+    encoder = rae.build_encoder(cfg, fit=fit)
+    rae.check_width(cfg['d_model'], encoder)
     text = data.load_text(cfg['text_source']) if cfg['text_source'] else None
     vocab = cfg['vocab_size'] or tok.vocab_size
     if vocab < tok.vocab_size:
@@ -154,8 +160,10 @@ def evaluate(model, dataset, n_batches, device, ctx):
     out = {}
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(0)
-        for name, kind, key in (('text', 'text=1', 'lm_loss'), ('caption', 'image2caption=1', 'lm_loss'),
-                                ('flow', 'caption2image=1', 'flow_loss')):
+        kinds = [('text', 'text=1', 'lm_loss'), ('caption', 'image2caption=1', 'lm_loss'),
+                 ('flow', 'caption2image=1', 'flow_loss')]
+        kinds += [(f'{k}_flow', f'{k}=1', 'flow_loss') for k in ('video', 'action') if k in dataset.kinds]
+        for name, kind, key in kinds:
             losses = []
             for i in range(n_batches):
                 batch = dataset.get('val', i, mixture=kind).to(device)
@@ -224,10 +232,18 @@ def main(argv):
         print(f"{mcfg.ffn} model, d_model {mcfg.d_model} x {mcfg.n_layer} layers: {counts['total'] / 1e9:.3f}B "
               f"parameters, {counts['active'] / 1e9:.3f}B active per token")
         return
+    # rank 0 builds the RAE and the latent caches (or finds them in cache_dir, which multi-node runs must share
+    # or prebuild with `python rae.py`); the other ranks wait, then read the same files
+    if ddp and not master:
+        dist.barrier()
     tok, encoder, text, mcfg = build(cfg)
     dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'],
-                             seed=cfg['seed'], p_uncond=cfg['p_uncond'], text=text)
+                             seed=cfg['seed'], p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
+                             cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'])
     dataset.get('train', 0)  # fail on a bad mixture / block size before building anything big
+    dataset.get('val', 0)
+    if ddp and master:
+        dist.barrier()
     model = Transfusion(mcfg).to(device)
     counts = model.count_params()
     sharded = ddp and cfg['fsdp']

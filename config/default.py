@@ -12,3 +12,7 @@ batch_size = 16
 max_iters = 600
 learning_rate = 1e-3
 shift = 3.0
+encoder = 'vit'
+n_images = 16384
+mae_steps = 1000
+decoder_steps = 800

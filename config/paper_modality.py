@@ -15,6 +15,7 @@ block_size = 4096
 batch_size = 4
 image_size = 224
 patch_size = 14
+encoder = 'pixel'        # 588-d patches stand in for SigLIP 2 when counting (the RAE latent only sizes two linears)
 learning_rate = 3e-4
 min_lr = 1.5e-5
 warmup_iters = 4000
