@@ -384,12 +384,10 @@ def build_encoder(cfg, fit=True):
         torch.manual_seed(0)
         if c['encoder'] == 'vit':
             enc = VitEncoder(res, c['patch_size'])
-        elif c['encoder'] == 'dinov2':
-            import pretrained
-            enc = pretrained.load_dinov2(c['encoder_path'], res=14 * grid)
         else:
             import pretrained
-            enc = pretrained.load_siglip2(c['encoder_path'], grid=grid)
+            enc = (pretrained.load_dinov2(c['encoder_path'], res=14 * grid) if c['encoder'] == 'dinov2'
+                   else pretrained.load_siglip2(c['encoder_path'], grid=grid))
         rae = RAE(enc, res)
     if not fit:
         return rae
@@ -408,6 +406,7 @@ def build_encoder(cfg, fit=True):
     images = data.world_images('rae', c['n_images'], res)
     stage = lambda name: folder / f"rae-{c['encoder']}-{key}.{name}.pt"
     with torch.random.fork_rng():
+        torch.manual_seed(1337)      # the same settings build the same RAE, whoever asks (the default seed)
         if c['encoder'] == 'vit':
             enc.requires_grad_(True)
             pretrain_mae(enc, images, c['mae_steps'], c['batch'], stage('mae'))
