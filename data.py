@@ -78,7 +78,7 @@ class Visual:
 
 def world_document(kind, rng, pool, p_uncond=0.0):
     """One document of the embedded world. kind: text | caption2image | image2caption | qa.
-    pool: (scenes, latents) of a split (see world_pool); the picture is one of its pictures, the text is
+    pool: (scenes, latents) of a split (WorldData.pool); the picture is one of its pictures, the text is
     drawn fresh, so one picture appears under many captions and questions."""
     if kind == 'text':
         return [world.text_document(rng)]
@@ -341,11 +341,6 @@ def latent_cache(encoder, split, n, cache_dir, batch_size=256):
     return np.load(path, mmap_mode='r')
 
 
-def world_pool(encoder, split, n, cache_dir):
-    """(scenes, latents) of a split: what world documents draw their pictures from."""
-    return world_scenes(split, n), latent_cache(encoder, split, n, cache_dir)
-
-
 class WorldData:
     """Batches of packed world documents. `get(split, step, index)` is deterministic in its arguments."""
 
@@ -360,8 +355,10 @@ class WorldData:
         self.video_frames = video_frames
 
     def pool(self, split):
+        """(scenes, latents) of a split: what world documents draw their pictures from."""
         if split not in self.pools:
-            self.pools[split] = world_pool(self.encoder, split, self.n_images[split], self.cache_dir)
+            n = self.n_images[split]
+            self.pools[split] = world_scenes(split, n), latent_cache(self.encoder, split, n, self.cache_dir)
         return self.pools[split]
 
     def documents(self, rng, kinds, probs, p_uncond, split):
@@ -389,7 +386,7 @@ class WorldData:
             n = doc_length(d, self.tok, self.n_latent)
             if n > self.T:
                 raise ValueError(f"a world document of {n} tokens does not fit in block_size={self.T}"
-                                 + (" (fewer video_frames?)" if any(isinstance(x, Visual) for x in d[1:]) else ""))
+                                 + (" (fewer video_frames?)" if sum(isinstance(x, Visual) for x in d) > 1 else ""))
             row = next((i for i in range(self.B) if free[i] >= n), None)
             if row is None:
                 misses += 1

@@ -123,10 +123,10 @@ def heldout_walks(n, n_frames, seed):
     return walks
 
 
-def encode_frames(encoder, frames):
-    """uint8 [B, F, H, W, 3] -> latents [B, F, N, d]."""
+def encode_frames(encoder, frames, device):
+    """uint8 [B, F, H, W, 3] -> latents [B, F, N, d] on device."""
     B, F = frames.shape[:2]
-    z = encoder.encode(data.image_tensor(list(frames.reshape(B * F, *frames.shape[2:]))))
+    z = encoder.encode(data.image_tensor(frames.reshape(B * F, *frames.shape[2:])).to(device))
     return z.view(B, F, *z.shape[1:])
 
 
@@ -138,10 +138,11 @@ def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, bat
     ATE: error of the accumulated position, averaged over the rollout (PAPER.md §7's NWM metrics, in pixels).
     The no-motion baseline predicts the last frame again: its shifts are 0."""
     walks = heldout_walks(n, context + horizon, seed)
+    device = next(model.parameters()).device
     err = {'rpe': [], 'ate': [], 'rpe_still': [], 'ate_still': []}
     for i in tqdm(range(0, n, batch), desc='world model rollouts', leave=False):
         chunk = walks[i:i + batch]
-        frames = encode_frames(encoder, np.stack([w[1] for w in chunk]))
+        frames = encode_frames(encoder, np.stack([w[1] for w in chunk]), device)
         acts = [[video.format_action(*w[2][k]) for w in chunk] for k in range(context + horizon - 1)]
         pred = rollout(model, tok, frames[:, :context], acts, steps, seed)
         seq = torch.cat([frames[:, context - 1:context], pred], 1)   # the last true frame, then the predicted
@@ -166,14 +167,15 @@ def planning(model, tok, encoder, n, context, steps, seed, population=32, iters=
     Returns the final position error (pixels) of the best plan, executed in the true world, and of a random
     action."""
     rng = np.random.default_rng([seed, 23])
+    device = next(model.parameters()).device
     lim = video.MAP_SIZE - encoder.res
     plan_err, random_err = [], []
     for map_id, frames, actions, positions in tqdm(heldout_walks(n, context, seed + 1), desc='planning',
                                                    leave=False):
         x, y = positions[-1]
         goal = np.clip(np.array([x, y]) + rng.integers(-video.MAX_STEP, video.MAX_STEP + 1, 2), 0, lim)
-        z_goal = encoder.encode(data.image_tensor([video.view(video.make_map(map_id), *goal)]))
-        z_ctx = encode_frames(encoder, frames[None]).expand(population, -1, -1, -1)
+        z_goal = encoder.encode(data.image_tensor([video.view(video.make_map(map_id), *goal)]).to(device))
+        z_ctx = encode_frames(encoder, frames[None], device).expand(population, -1, -1, -1)
         acts = [video.format_action(*a) for a in actions]
         mu, sd = np.zeros(2), np.full(2, video.MAX_STEP / 2)
         for _ in range(iters):
@@ -225,7 +227,7 @@ def main(argv):
     if model.cfg.ffn == 'moe':
         res['experts'] = expert_specialisation(model, dataset, cfg['n_batches'])
     res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_questions'], cfg['seed'])
-    if 'action' in tcfg['mixture'] or tcfg['mixture'] == 'paper':
+    if 'action' in data.parse_mixture(tcfg['mixture'])[0]:
         res['world_model'] = world_model_error(model, tok, encoder, cfg['n_rollouts'], cfg['context'],
                                                cfg['horizon'], cfg['steps'], cfg['seed'])
         res['planning'] = planning(model, tok, encoder, cfg['n_plans'], cfg['context'], cfg['plan_steps'],
@@ -247,8 +249,7 @@ def main(argv):
     if 'world_model' in res:
         w, p = res['world_model'], res['planning']
         label = f"world model ATE, {cfg['horizon']}-step rollout (px)"
-        print(f"{label:34s} {w['ate']:8.3f}   "
-              f"{w['ate_still']:.3f} (no motion)")
+        print(f"{label:34s} {w['ate']:8.3f}   {w['ate_still']:.3f} (no motion)")
         print(f"{'world model RPE (px)':34s} {w['rpe']:8.3f}   {w['rpe_still']:.3f} (no motion)")
         print(f"{'planning: final position error (px)':34s} {p['cem_position_error']:8.3f}   "
               f"{p['random_position_error']:.3f} (random action)")

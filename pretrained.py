@@ -208,7 +208,37 @@ class Dinov2Stack(nn.Module):
         return x
 
 
-class Dinov2Encoder(nn.Module):
+class LatentNorm(nn.Module):
+    """What every token encoder here shares: raw_latents(images) -> [B, N, d] (defined by the subclass),
+    standardised per channel with `mean`/`std` buffers that fit() measures on training pictures (identity
+    until then). The buffers travel in the state dict with the encoder."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer('mean', torch.zeros(d))
+        self.register_buffer('std', torch.ones(d))
+
+    def fit(self, images, batch_size=64):
+        """Measure the latent normalisation over training images [B, 3, H, W] in [0, 1]."""
+        mean, std = channel_stats(self.raw_latents, images, batch_size)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+        return self
+
+    def encode(self, images):
+        return (self.raw_latents(images) - self.mean) / self.std
+
+
+def resize(images, res):
+    """[B, 3, H, W] in [0, 1], any size -> [B, 3, res, res]. antialias only acts when shrinking; bicubic
+    overshoots, so the result is clamped back into [0, 1]."""
+    x = images.float()
+    if x.shape[-2:] != (res, res):
+        x = F.interpolate(x, size=(res, res), mode='bicubic', align_corners=False, antialias=True).clamp(0, 1)
+    return x
+
+
+class Dinov2Encoder(LatentNorm):
     """Frozen DINOv2 ViT as an RAE encoder: images [B, 3, H, W] in [0, 1] -> latents [B, N, d].
 
     encode() resizes to `res`, applies the ImageNet normalisation, runs the ViT, applies the final LayerNorm
@@ -225,7 +255,7 @@ class Dinov2Encoder(nn.Module):
     def __init__(self, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
                  image_size=518, layer_norm_eps=1e-6, qkv_bias=True, num_register_tokens=0, pos_antialias=False,
                  res=224):
-        super().__init__()
+        super().__init__(hidden_size)
         if res % patch_size:
             raise ValueError(f"encoder resolution {res} is not a multiple of the patch size {patch_size}")
         if hidden_size % num_attention_heads:
@@ -241,8 +271,6 @@ class Dinov2Encoder(nn.Module):
         # fixed constants, not weights: non-persistent so they never show up as checkpoint keys
         self.register_buffer('pixel_mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('pixel_std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('mean', torch.zeros(hidden_size))
-        self.register_buffer('std', torch.ones(hidden_size))
 
     def trunk(self, pixel_values):
         """ImageNet-normalised pixels [B, 3, H, W] -> tokens before the final LayerNorm [B, 1+R+N, d]."""
@@ -255,12 +283,7 @@ class Dinov2Encoder(nn.Module):
 
     def preprocess(self, images):
         """[B, 3, H, W] in [0, 1], any size -> ImageNet-normalised [B, 3, res, res]."""
-        x = images.float()
-        if x.shape[-2:] != (self.res, self.res):
-            # antialias only acts when shrinking; bicubic overshoots, so clamp back into [0, 1]
-            x = F.interpolate(x, size=(self.res, self.res), mode='bicubic', align_corners=False,
-                              antialias=True).clamp(0, 1)
-        return (x - self.pixel_mean) / self.pixel_std
+        return (resize(images, self.res) - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
     def raw_latents(self, images):
@@ -269,16 +292,6 @@ class Dinov2Encoder(nn.Module):
         h = F.layer_norm(h, (h.shape[-1],), eps=self.eps)
         return h[:, 1 + self.n_registers:]
 
-    def fit(self, images, batch_size=64):
-        """Measure the latent normalisation over training images [B, 3, H, W] in [0, 1]."""
-        mean, std = channel_stats(self.raw_latents, images, batch_size)
-        self.mean.copy_(mean)
-        self.std.copy_(std)
-        return self
-
-    @torch.no_grad()
-    def encode(self, images):
-        return (self.raw_latents(images) - self.mean) / self.std
 
 
 @torch.no_grad()
@@ -468,7 +481,7 @@ class SiglipTower(nn.Module):
         self.post_layernorm = nn.LayerNorm(d, eps=eps)
 
 
-class SiglipEncoder(nn.Module):
+class SiglipEncoder(LatentNorm):
     """Frozen SigLIP (2) vision tower as an RAE encoder: images [B, 3, H, W] in [0, 1] -> latents [B, N, d].
     Pixels are scaled to [-1, 1] (SigLIP's mean = std = 0.5), resized to `res`; every output token is a patch
     (SigLIP has no CLS token). As for DINOv2, the final LayerNorm is applied without its affine, then each
@@ -479,15 +492,13 @@ class SiglipEncoder(nn.Module):
 
     def __init__(self, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  image_size=224, patch_size=16, layer_norm_eps=1e-6, res=224):
-        super().__init__()
+        super().__init__(hidden_size)
         if res % patch_size:
             raise ValueError(f"encoder resolution {res} is not a multiple of the patch size {patch_size}")
         self.res, self.eps = res, layer_norm_eps
         self.n_tokens, self.d_latent = (res // patch_size) ** 2, hidden_size
         self.vision_model = SiglipTower(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
                                         patch_size, image_size, layer_norm_eps)
-        self.register_buffer('mean', torch.zeros(hidden_size))
-        self.register_buffer('std', torch.ones(hidden_size))
 
     def trunk(self, pixel_values):
         """[-1, 1] pixels -> hidden states before the final LayerNorm [B, N, d]."""
@@ -501,21 +512,8 @@ class SiglipEncoder(nn.Module):
         return self.vision_model.post_layernorm(self.trunk(pixel_values))
 
     def raw_latents(self, images):
-        x = images.float()
-        if x.shape[-2:] != (self.res, self.res):
-            x = F.interpolate(x, size=(self.res, self.res), mode='bicubic', align_corners=False,
-                              antialias=True).clamp(0, 1)
-        h = self.trunk(x * 2 - 1)
+        h = self.trunk(resize(images, self.res) * 2 - 1)
         return F.layer_norm(h, (h.shape[-1],), eps=self.eps)
-
-    def fit(self, images, batch_size=64):
-        mean, std = channel_stats(self.raw_latents, images, batch_size)
-        self.mean.copy_(mean)
-        self.std.copy_(std)
-        return self
-
-    def encode(self, images):
-        return (self.raw_latents(images) - self.mean) / self.std
 
 
 def load_siglip2(path_or_repo, res=224, grid=None, cache_dir='~/.cache/beyond-llms', base_url=None, sha256=None):

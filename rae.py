@@ -35,7 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrained import channel_stats
+import data
+import world
+from pretrained import LatentNorm
+from train import seed_of
 
 # -----------------------------------------------------------------------------
 # pixels: the paper's pixel baseline (non-overlapping RGB patches, 14x14x3 = 588-d at 224²)
@@ -137,7 +140,7 @@ class ViT(nn.Module):
         return self.out(self.norm(h))
 
 
-class VitEncoder(nn.Module):
+class VitEncoder(LatentNorm):
     """The offline default encoder: a ViT on 4x4 patches pretrained on world pictures by masked autoencoding
     (MAE, He et al. 2022: hide 75% of the patches, predict their pixels from the rest). Why MAE: it needs no
     augmentation design and no negative pairs, it trains in a couple of CPU minutes, and to fill in hidden
@@ -149,14 +152,12 @@ class VitEncoder(nn.Module):
     name = 'vit'
 
     def __init__(self, res=32, patch=4, d=64, n_layer=6, n_head=4):
-        super().__init__()
+        super().__init__(d)
         if res % patch:
             raise ValueError(f"image size {res} is not a multiple of the patch size {patch}")
         self.res, self.patch = res, patch
         self.n_tokens, self.d_latent = (res // patch) ** 2, d
         self.vit = ViT(3 * patch * patch, d, n_layer, n_head, self.n_tokens, affine=False)
-        self.register_buffer('mean', torch.zeros(d))
-        self.register_buffer('std', torch.ones(d))
 
     def patches(self, images):
         if images.shape[-2:] != (self.res, self.res):
@@ -169,16 +170,6 @@ class VitEncoder(nn.Module):
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         return self.vit(x, keep)
-
-    def fit(self, images, batch_size=256):
-        mean, std = channel_stats(self.raw_latents, images, batch_size)
-        self.mean.copy_(mean)
-        self.std.copy_(std)
-        return self
-
-    def encode(self, images):
-        return (self.raw_latents(images) - self.mean) / self.std
-
 
 class RAE(nn.Module):
     """A frozen encoder plus the ViT decoder trained to invert it: latents [B, N, d] -> pictures
@@ -216,10 +207,6 @@ class PatchDiscriminator(nn.Module):
 
 # -----------------------------------------------------------------------------
 # training stages: MAE pretraining of the vit encoder, then the decoder
-
-
-def seed_of(*ints):
-    return int(np.random.SeedSequence(list(ints)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def save_atomic(obj, path):
@@ -269,7 +256,7 @@ def pretrain_mae(enc, images, steps, batch_size, path, seed=0, lr=2e-3, mask_rat
     n_keep = N - int(N * mask_ratio)
 
     def step_fn(step, gen):
-        x = image_batch(images, torch.randint(len(images), (batch_size,), generator=gen))
+        x = data.image_tensor(images[torch.randint(len(images), (batch_size,), generator=gen).numpy()])
         target = enc.patches(x)
         keep = torch.rand(batch_size, N, generator=gen).argsort(1)[:, :n_keep]
         h = enc.raw_latents(x, keep)
@@ -304,7 +291,7 @@ def train_decoder(rae, latents, images, steps, batch_size, path, seed=0, lr=3e-3
 
     def step_fn(step, gen):
         idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x = image_batch(images, idx)
+        x = data.image_tensor(images[idx.numpy()])
         z = torch.from_numpy(np.asarray(latents[idx.numpy()], dtype=np.float32))
         sigma = tau * torch.rand(batch_size, 1, 1, generator=gen)
         x_hat = rae.decode(z + sigma * torch.randn(z.shape, generator=gen))
@@ -332,11 +319,6 @@ def train_decoder(rae, latents, images, steps, batch_size, path, seed=0, lr=3e-3
     run_stage(f'decoder training ({rae.name})', path, modules, opts, steps, lr, step_fn, seed)
     dec.eval()
     return rae
-
-
-def image_batch(images, idx):
-    """uint8 [n, H, W, 3] numpy, indices -> float [B, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images[idx.numpy()])).permute(0, 3, 1, 2).float().div(255)
 
 
 # -----------------------------------------------------------------------------
@@ -374,11 +356,10 @@ def build_encoder(cfg, fit=True):
     if c['encoder'] in ('dinov2', 'siglip2') and not c['encoder_path']:
         raise ValueError(f"encoder={c['encoder']} needs encoder_path: a local folder or a Hugging Face repo id "
                          f"(e.g. facebook/dinov2-small, google/siglip2-base-patch16-224)")
-    import data
     if c['encoder'] == 'pixel':
         enc = PixelEncoder(res, c['patch_size'])
         if fit:
-            enc.fit(image_batch(data.world_images('train', 2048, res), torch.arange(2048)))
+            enc.fit(data.image_tensor(data.world_images('train', 2048, res)))
         return enc
     with torch.random.fork_rng():    # building must not move the caller's RNG (train.py seeds the model first)
         torch.manual_seed(0)
@@ -411,7 +392,7 @@ def build_encoder(cfg, fit=True):
             enc.requires_grad_(True)
             pretrain_mae(enc, images, c['mae_steps'], c['batch'], stage('mae'))
         with torch.no_grad():
-            enc.fit(image_batch(images, torch.arange(min(len(images), 4096))))
+            enc.fit(data.image_tensor(images[:4096]))
         latents = data.latent_cache(rae, 'rae', c['n_images'], folder)
         train_decoder(rae, latents, images, c['decoder_steps'], c['batch'], stage('decoder'), tau=c['tau'],
                       feat_weight=c['feat_weight'] if c['encoder'] == 'vit' else 0.0,
@@ -442,12 +423,12 @@ def to_uint8(images):
 
 def largest_shape(scene):
     """The probe's label: the shape of the largest object (ties: the first in reading order)."""
-    return __import__('world').SHAPES.index(max(scene, key=lambda o: (o.size == 'large', -o.place)).shape)
+    return world.SHAPES.index(max(scene, key=lambda o: (o.size == 'large', -o.place)).shape)
 
 
 @torch.no_grad()
 def mean_latents(enc, images, batch_size=256):
-    return torch.cat([enc.encode(image_batch(images, torch.arange(i, min(i + batch_size, len(images)))))
+    return torch.cat([enc.encode(data.image_tensor(images[i:i + batch_size]))
                       .mean(1) for i in range(0, len(images), batch_size)])
 
 
@@ -472,19 +453,17 @@ def linear_probe(train_x, train_y, test_x, test_y, n_class, steps=300):
 def score(enc, n_val=1024, n_probe=4096):
     """Reconstruction of held-out pictures (PSNR, fraction parsing to the true scene), a linear probe of the
     mean latent on the largest object's shape, and encode/decode throughput (pictures/s)."""
-    import data
-    import world
     images, scenes = data.world_images('val', n_val, enc.res), data.world_scenes('val', n_val)
     recon, t_enc, t_dec = [], 0.0, 0.0
     for i in tqdm(range(0, n_val, 128), desc=f'scoring {enc.name}'):
-        x = image_batch(images, torch.arange(i, min(i + 128, n_val)))
+        x = data.image_tensor(images[i:i + 128])
         t0 = time.perf_counter()
         z = enc.encode(x)
         t1 = time.perf_counter()
         recon.append(enc.decode(z).clamp(0, 1))
         t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
     recon = torch.cat(recon)
-    truth = image_batch(images, torch.arange(n_val))
+    truth = data.image_tensor(images)
     psnr = (10 * torch.log10(1 / (recon - truth).square().mean((1, 2, 3)).clamp(min=1e-10))).mean().item()
     parsed = sum(world.parse(r) == tuple(sorted(s)) for r, s in zip(to_uint8(recon), scenes)) / n_val
     train_images, train_scenes = data.world_images('train', n_probe, enc.res), data.world_scenes('train', n_probe)

@@ -21,6 +21,7 @@ import torch
 import data
 import flow
 from model import KVCache
+from rae import to_uint8
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'
@@ -273,11 +274,6 @@ def load_checkpoint(path, device='cpu'):
     return model.eval(), tok, encoder.to(device), cfg
 
 
-def to_uint8(images):
-    """float [B, 3, H, W] in ~[0, 1] -> uint8 [B, H, W, 3]."""
-    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def save_grid(path, images, cols=8, scale=4):
     """uint8 [B, H, W, 3] -> one PNG, images side by side (nearest-neighbour upscaled for viewing)."""
     import imageio.v3 as iio
@@ -389,7 +385,7 @@ def main(argv):
             path = os.path.join(out, 'interleaved.png')
             save_grid(path, to_uint8(encoder.decode(torch.cat(images))))
             print(f"[interleaved] wrote {path}")
-    if cfg['mode'] == 'rollout' or (cfg['mode'] == 'all' and 'action' in tcfg['mixture']):
+    if cfg['mode'] == 'rollout' or (cfg['mode'] == 'all' and 'action' in data.parse_mixture(tcfg['mixture'])[0]):
         path = os.path.join(out, 'rollout.gif')
         write_rollout(model, tok, encoder, cfg['actions'], path, cfg['steps'], cfg['seed'])
         print(f"[rollout] wrote {path} (top: the model, bottom: the true world)")

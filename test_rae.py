@@ -265,7 +265,7 @@ def test_decoder_training_with_the_adversarial_loss_updates_the_critic(tmp_path)
     enc = rae.VitEncoder().fit(torch.rand(16, 3, 32, 32))
     model = rae.RAE(enc)
     images = data.world_images('train', 16)
-    latents = enc.encode(rae.image_batch(images, torch.arange(16))).numpy()
+    latents = enc.encode(data.image_tensor(images)).numpy()
     rae.train_decoder(model, latents, images, 2, 4, tmp_path / 'd.pt', gan_weight=0.5, gan_start=0)
     state = torch.load(tmp_path / 'd.pt', weights_only=True)['state']
     assert len(state) == 4            # decoder, critic and both optimizers are checkpointed
@@ -317,3 +317,10 @@ def test_siglip_checkpoint_missing_a_vision_key_names_it(tmp_path):
     save_state(tmp_path / 'model.safetensors', state)
     with pytest.raises(ValueError, match="missing key 'vision_model.post_layernorm.bias'"):
         pretrained.load_siglip2(tmp_path, res=32)
+
+
+def test_rae_py_and_train_py_defaults_name_the_same_rae():
+    import train
+    for key, value in rae.SETTINGS.items():
+        if hasattr(train, key):
+            assert getattr(train, key) == value, f"rae.py says {key}={value!r}, train.py {getattr(train, key)!r}"

@@ -44,7 +44,7 @@ encoder_path = ''         # dinov2 / siglip2: a local folder or a Hugging Face r
 cache_dir = 'cache'       # built RAEs and latent caches, shared by every run
 n_images = 16384          # training pictures, encoded once into the latent cache
 mae_steps = 1000          # vit encoder pretraining steps (rae.py)
-decoder_steps = 800      # RAE decoder training steps (rae.py)
+decoder_steps = 800       # RAE decoder training steps (rae.py)
 block_size = 256          # clips need 512 (config/world.py)
 batch_size = 16
 grad_accum = 1
@@ -241,7 +241,7 @@ def main(argv):
                              seed=cfg['seed'], p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
                              cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'])
     dataset.get('train', 0)  # fail on a bad mixture / block size before building anything big
-    dataset.get('val', 0)
+    dataset.get('val', 0)    # builds the held-out latent cache too, before the other ranks read it
     if ddp and master:
         dist.barrier()
     model = Transfusion(mcfg).to(device)
