@@ -361,6 +361,7 @@ def main(argv):
             break
     bar.close()
     if ddp:
+        dist.barrier()   # rank 0 may still be writing the last checkpoint; tearing gloo down under it can abort
         dist.destroy_process_group()
 
 
