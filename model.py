@@ -288,16 +288,21 @@ class Transfusion(nn.Module):
 
     def count_params(self):
         """Total, and active per token: a token runs one of the two modality FFNs (PAPER.md §1), or its
-        shared expert and k routed experts of the MoE."""
+        shared expert and k routed experts of the MoE. 'paper_active' leaves out the MoE routers (33M at 1008
+        experts) and the latent adapters and timestep MLP (10M at d_model 2048): PAPER.md §1 derives the
+        paper's 1.5B from embeddings + attention + one FFN per layer, for the dense and MoE models alike."""
         total = sum(p.numel() for p in self.parameters())
-        idle = 0
+        idle = routers = 0
         for b in self.blocks:
             if isinstance(b.ffn, ModalityFFN):
                 idle += sum(p.numel() for p in b.ffn.vision.parameters())
             elif isinstance(b.ffn, MoE):
                 moe_total, moe_active = b.ffn.count_params()
                 idle += moe_total - moe_active
-        return {'total': total, 'active': total - idle}
+                routers += b.ffn.router.weight.numel()
+        adapters = sum(p.numel() for m in (self.lat_in, self.t_mlp, self.lat_out) for p in m.parameters())
+        adapters += self.lat_pos.numel()
+        return {'total': total, 'active': total - idle, 'paper_active': total - idle - routers - adapters}
 
     def make_mask(self, doc, block):
         use_flex = self.cfg.attn == 'flex' or (self.cfg.attn == 'auto' and doc.is_cuda)

@@ -230,7 +230,8 @@ def main(argv):
         with torch.device('meta'):
             counts = Transfusion(mcfg).count_params()
         print(f"{mcfg.ffn} model, d_model {mcfg.d_model} x {mcfg.n_layer} layers: {counts['total'] / 1e9:.3f}B "
-              f"parameters, {counts['active'] / 1e9:.3f}B active per token")
+              f"parameters, {counts['active'] / 1e9:.3f}B active per token; {counts['paper_active'] / 1e9:.3f}B "
+              f"paper-active (without routers and latent adapters, as PAPER.md counts)")
         return
     # rank 0 builds the RAE and the latent caches (or finds them in cache_dir, which multi-node runs must share
     # or prebuild with `python rae.py`); the other ranks wait, then read the same files
