@@ -6,6 +6,7 @@ repeats). Prints a table and writes JSON.
     python bench.py config/moe.py --compile=True
     python bench.py --only=moe               # just one section: train | attention | moe | sampling
     python bench.py --only=moe --threads=1   # the MoE layer paths on one CPU thread
+    python bench.py --only=train --profile=True   # + where the training step's time goes (torch.profiler)
 
 MFU = achieved FLOP/s / peak; model FLOPs per token = 6 * N_active + 12 * n_layer * d_model * T (the attention
 scores and values, forward and backward, as in nanoGPT). The peak is looked up for known GPUs, or --peak_tflops.
@@ -31,6 +32,7 @@ moe_width = 256           #   d_model
 moe_hidden = 64           #   d_expert
 moe_k = 8                 #   active experts per token (1 per-modality shared + 7 routed)
 moe_pools = '8,64'        #   routed expert counts E to time
+profile = False           # train: also profile 3 steps, top ops by self time (printed and in the JSON)
 peak_tflops = 0.0         # 0 = look the device up (CUDA bf16 dense peaks below); CPU: MFU not reported
 # -----------------------------------------------------------------------------
 
@@ -64,7 +66,7 @@ def bench_train(cfg, device):
     opt = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.type)
     fwd = torch.compile(model) if cfg['compile'] else model
     batch = dataset.get('train', 0).to(device)
-    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    dtype, amp = train.precision(cfg['dtype'], device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
 
@@ -76,19 +78,44 @@ def bench_train(cfg, device):
         opt.zero_grad(set_to_none=True)
 
     sec = timed(step, device)
+    i = iter(range(1, 10**6))  # the data side of a step: build (pack) a fresh training batch
+    res_data = {'data_ms_per_batch': 1e3 * timed(lambda: dataset.get('train', next(i)), torch.device('cpu'))}
     tokens = cfg['batch_size'] * cfg['block_size']
     n_active = model.count_params()['active']
     flops_per_token = 6 * n_active + 12 * mcfg.n_layer * mcfg.d_model * cfg['block_size']
-    res = {'config': {k: cfg[k] for k in ('d_model', 'n_layer', 'ffn', 'block_size', 'batch_size', 'compile')},
+    res = {'config': {**{k: cfg[k] for k in ('d_model', 'n_layer', 'ffn', 'block_size', 'batch_size', 'compile')},
+                      'dtype': dtype},
            'params_active': n_active, 'ms_per_step': 1e3 * sec, 'tokens_per_s': tokens / sec,
-           'flops_per_token': flops_per_token, 'achieved_tflops': flops_per_token * tokens / sec / 1e12}
+           'flops_per_token': flops_per_token, 'achieved_tflops': flops_per_token * tokens / sec / 1e12,
+           **res_data}
     peak = cfg['peak_tflops'] or (next((v for k, v in PEAKS_BF16.items() if k in torch.cuda.get_device_name()), 0)
                                  if device.type == 'cuda' else 0)
     if peak:
         res['mfu'] = res['achieved_tflops'] / peak
     res['peak_memory_mb'] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == 'cuda'
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if cfg['profile']:
+        res['profile'] = profile_step(step, device)
     return res
+
+
+def profile_step(step, device, n_steps=3, top=12):
+    """Self time of each op over n_steps warm steps, as shares of the total, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n_steps):
+            step()
+    attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events)
+    rows = [{'op': e.key, 'share': round(getattr(e, attr) / total, 3),
+             'ms_per_step': round(getattr(e, attr) / 1e3 / n_steps, 1), 'calls_per_step': e.count // n_steps}
+            for e in events[:top]]
+    print(f"  {'op':40s} {'share':>6s} {'ms/step':>8s} {'calls':>6s}")
+    for r in rows:
+        print(f"  {r['op'][:40]:40s} {r['share']:6.1%} {r['ms_per_step']:8.1f} {r['calls_per_step']:6d}")
+    return rows
 
 
 def bench_attention(device):
@@ -201,7 +228,7 @@ def main(argv):
             print(f"[{key}] ...", flush=True)
             results[key] = fn()
             for k, v in results[key].items():
-                if k != 'table':
+                if k not in ('table', 'profile'):
                     print(f"  {k:24s} {v if not isinstance(v, float) else f'{v:.4g}'}")
     os.makedirs(os.path.dirname(cfg['out']) or '.', exist_ok=True)
     with open(cfg['out'], 'w') as f:

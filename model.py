@@ -19,6 +19,7 @@ text, so with one t per block no noise level leaks onto shared text. Context ima
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -101,10 +102,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, T_cached + T, hd)
-        if mask is None:  # a cached step: the new tokens may see every key (see KVCache)
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        elif isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if isinstance(mask, torch.Tensor) or mask is None:  # None: a cached step, every key visible (KVCache)
+            # bf16 autocast on CPU: the CPU flash kernel's bf16 backward is slower than its fp32 one (48 vs
+            # 36 ms a layer here, bench.py --profile=True), so attention stays fp32 while the matmuls run bf16
+            fp32 = q.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+            with torch.autocast('cpu', enabled=False) if fp32 else nullcontext():
+                if fp32:
+                    q, k, v = q.float(), k.float(), v.float()
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
             y = flex_attention(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -132,9 +137,10 @@ class ModalityFFN(nn.Module):
 
     def forward(self, x, modality):
         is_lat = modality == 1
-        out = torch.empty_like(x)
-        out[~is_lat] = self.text(x[~is_lat])
-        out[is_lat] = self.vision(x[is_lat])
+        y_text, y_vision = self.text(x[~is_lat]), self.vision(x[is_lat])
+        out = x.new_empty(x.shape, dtype=y_text.dtype)  # the FFNs' dtype: bf16 under autocast
+        out[~is_lat] = y_text
+        out[is_lat] = y_vision
         return out
 
 

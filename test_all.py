@@ -213,6 +213,18 @@ def test_tiktoken_tokenizer_wraps_a_bpe_encoding_without_downloading():
     assert tok.pad == 257 and tok.vocab_size == 257 + 6
 
 
+def test_qa_documents_ask_several_questions_about_their_picture_one_per_line():
+    import world
+    scene = world.sample_scene(np.random.default_rng(3), 3)
+    pool = ([scene], np.zeros((1, 64, 48), np.float16))
+    picture, text = data.world_document('qa', np.random.default_rng(4), pool)
+    assert isinstance(picture, data.Visual) and not picture.target  # clean context: read, not generated
+    replay = np.random.default_rng(4)
+    replay.integers(1)  # the draw of the picture from the pool
+    expected = [world.question_answer(scene, replay) for _ in range(data.QA_PER_PICTURE)]
+    assert text.split('\n') == [f"q: {q} a: {a}" for q, a in expected] and data.QA_PER_PICTURE > 1
+
+
 def test_mixture_spec_errors_are_clear():
     assert data.parse_mixture('text=1,qa=3') == (['text', 'qa'], [0.25, 0.75])
     for bad in ('text', 'movie=1', 'text=-1', 'text=0'):
@@ -262,6 +274,24 @@ def test_modality_ffn_routes_each_token_through_its_own_ffn():
     out = f(x, modality)
     torch.testing.assert_close(out[modality == 0], f.text(x[modality == 0]))
     torch.testing.assert_close(out[modality == 1], f.vision(x[modality == 1]))
+
+
+@pytest.mark.parametrize('ffn', ['dense', 'modality', 'moe'])
+def test_bf16_autocast_step_matches_fp32_for_every_ffn(ffn):
+    """The mixed-precision step train.py takes on CUDA and on CPUs with native bf16: same loss as fp32 to
+    bf16 rounding, and fp32 gradients for every parameter."""
+    _, _, b = random_batch(5)
+    torch.manual_seed(0)
+    m = Transfusion(tiny_config(ffn=ffn, moe_experts=4, moe_top_k=2, d_ff=64))
+    torch.manual_seed(1)
+    ref, _ = m(b)
+    torch.manual_seed(1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss, _ = m(b)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+               for p in m.parameters() if p.requires_grad and p.grad is not None)
 
 
 @pytest.mark.parametrize('target', ['v', 'x'])
@@ -473,8 +503,9 @@ def torchrun(*args):
 @pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, mode):
     """DDP (and FSDP2, which also has to gather a full checkpoint and resume from one) on 2 processes x 1
-    micro-step against 1 process x 2 micro-steps: the same weights, up to float summation order."""
-    args = [*SMOKE, '--eval_interval=3', '--batch_size=2']
+    micro-step against 1 process x 2 micro-steps: the same weights, up to float summation order. In fp32:
+    under bf16 autocast a last-bit difference in a summed gradient can flip a weight's rounding to bf16."""
+    args = [*SMOKE, '--eval_interval=3', '--batch_size=2', '--dtype=float32']
     one, two = tmp_path / 'one', tmp_path / 'two'
     for max_iters, resume in ((3, []), (6, ['--init_from=resume'])):
         r1 = run_train(*args, f'--max_iters={max_iters}', '--grad_accum=2', f'--out_dir={one}', *resume)

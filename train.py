@@ -29,7 +29,7 @@ out_dir = 'out'
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
 seed = 1337
 device = 'auto'           # auto | cpu | cuda
-dtype = 'auto'            # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+dtype = 'auto'            # auto (bf16 on CUDA and CPUs with native bf16, else fp32) | float32 | bfloat16
 # data
 tokenizer = 'byte'        # byte | a tiktoken encoding name (gpt2)
 vocab_size = 0            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
@@ -152,6 +152,24 @@ def build(cfg, fit=True):
 
 
 @torch.no_grad()
+def native_bf16_cpu():
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Elsewhere bf16 matmuls are emulated and
+    slower than fp32. (torch.cpu's probes are private; a torch without them counts as no.)"""
+    probes = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def precision(dtype, device):
+    """-> (dtype name, context to run the forward in): bf16 autocast (fp32 weights, optimizer and loss
+    reductions) or plain fp32. 'auto' = bf16 on CUDA and on CPUs with native bf16 (the default step's matmuls
+    are 60% of its time in fp32; bf16 halves them: README "Speed"), fp32 on other CPUs."""
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device.type == 'cuda' or native_bf16_cpu() else 'float32'
+    if dtype not in ('float32', 'bfloat16'):
+        raise SystemExit(f"error: dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return dtype, torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+
+
 def evaluate(model, dataset, n_batches, device, ctx):
     """Held-out losses, each on its own document kind so the numbers do not depend on the mixture:
     text perplexity on text documents, caption loss on image->caption, flow loss on caption->image.
@@ -219,8 +237,7 @@ def main(argv):
             torch.cuda.set_device(dev)
     device = torch.device(dev)
     master = rank == 0
-    dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
-    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext())
+    dtype, ctx = precision(cfg['dtype'], device)
 
     torch.manual_seed(cfg['seed'])  # the same initial weights on every rank
     # bit-identical reruns and resumes on CPU: embedding / index_put backward otherwise sum in thread order
