@@ -97,19 +97,31 @@ def answer_chance(answer):
     return 0.0
 
 
+QUESTION_KINDS = (('what color', 'color'), ('what shape', 'shape'), ('where', 'place'), ('how many', 'count'),
+                  ('what size', 'size'), ('is there anything', 'anything at'), ('is there a', 'is there'))
+
+
 def understanding_accuracy(model, tok, encoder, n, seed):
+    """Answers to n questions about held-out pictures, greedy; accuracy overall and per kind of question
+    (world.question_answer's seven), each beside the chance of a uniform guess among its answers."""
     rng = np.random.default_rng([seed, 13])
     device = next(model.parameters()).device
-    correct, chance = [], []
+    rows = []
     for _ in tqdm(range(n), desc='understanding', leave=False):
         scene = world.sample_scene(rng)
         z = encoder.encode(data.image_tensor([world.render(scene, encoder.res, rng=rng)]).to(device))[0]
         q, a = world.question_answer(scene, rng)
         ids, _ = generate(model, tok, [data.Visual(None, False, z), f"q: {q} a:"], max_new_tokens=16)
-        said = tok.decode([i for i in ids[0].tolist() if 0 <= i < tok.pad]).strip()
-        correct.append(said == a)
-        chance.append(answer_chance(a))
-    return {'accuracy': float(np.mean(correct)), 'chance': float(np.mean(chance))}
+        # the answer is the rest of the line (training documents ask one question per line)
+        said = tok.decode([i for i in ids[0].tolist() if 0 <= i < tok.pad]).split('\n')[0].strip()
+        kind = next(name for prefix, name in QUESTION_KINDS if q.startswith(prefix))
+        rows.append((kind, said == a, answer_chance(a)))
+    res = {'accuracy': float(np.mean([r[1] for r in rows])), 'chance': float(np.mean([r[2] for r in rows]))}
+    res['by_kind'] = {name: {'accuracy': float(np.mean([r[1] for r in rows if r[0] == name])),
+                             'chance': float(np.mean([r[2] for r in rows if r[0] == name])),
+                             'n': sum(r[0] == name for r in rows)}
+                      for _, name in QUESTION_KINDS if any(r[0] == name for r in rows)}
+    return res
 
 
 def heldout_walks(n, n_frames, seed):
@@ -246,6 +258,9 @@ def main(argv):
             print(f"{f'{key} {attr}':34s} {res[key][attr]:8.3f}   {'' if c is None else f'{c:.3f}'}")
     u = res['understanding']
     print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}")
+    for name, r in u['by_kind'].items():
+        label = f"  {name} ({r['n']} questions)"
+        print(f"{label:34s} {r['accuracy']:8.3f}   {r['chance']:.3f}")
     if 'world_model' in res:
         w, p = res['world_model'], res['planning']
         label = f"world model ATE, {cfg['horizon']}-step rollout (px)"

@@ -421,7 +421,9 @@ def test_eval_writes_every_score_with_its_chance_level(tiny_ckpt, tmp_path):
     res = json.loads(out.read_text())
     assert res['text_ppl'] > 1 and res['diffusion_loss_t0.5'] > 0
     assert set(res['gen_1obj_heldout']) == {'color', 'shape', 'position', 'object', 'count', 'scene'}
-    assert 0 < res['understanding']['chance'] < 1 and 0 <= res['understanding']['accuracy'] <= 1
+    u = res['understanding']
+    assert 0 < u['chance'] < 1 and 0 <= u['accuracy'] <= 1
+    assert sum(k['n'] for k in u['by_kind'].values()) == 3  # every question counted under its kind
 
 
 def test_scene_scores_count_each_attribute():
