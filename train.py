@@ -34,7 +34,7 @@ dtype = 'auto'            # auto (bf16 on CUDA and CPUs with native bf16, else f
 tokenizer = 'byte'        # byte | a tiktoken encoding name (gpt2)
 vocab_size = 0            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
 text_source = ''          # '' = the world's text documents; else a .txt path or http(s) URL of real text
-mixture = 'text=0.2,caption2image=0.5,image2caption=0.15,qa=0.15'   # + video, action; 'paper': §2.5
+mixture = 'text=0.1,caption2image=0.45,image2caption=0.15,qa=0.3'   # + video, action; 'paper': §2.5
 video_frames = 5          # frames per video / action clip (each 64 latents + 2): must fit in block_size
 p_uncond = 0.1            # caption dropout for classifier-free guidance (PAPER.md §4)
 image_size = 32
@@ -70,7 +70,7 @@ attn = 'auto'             # auto | sdpa | flex
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 50
-max_iters = 600
+max_iters = 900
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95

@@ -9,7 +9,8 @@ d_ff = 768
 ffn = 'modality'
 block_size = 256
 batch_size = 16
-max_iters = 600
+mixture = 'text=0.1,caption2image=0.45,image2caption=0.15,qa=0.3'   # shares of documents
+max_iters = 900
 learning_rate = 1e-3
 shift = 3.0
 encoder = 'vit'
