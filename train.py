@@ -385,3 +385,11 @@ def main(argv):
 
 if __name__ == '__main__':
     main(sys.argv[1:])
+    if 'LOCAL_RANK' in os.environ:
+        # under torchrun, once everything is saved and the process group destroyed, skip the interpreter's
+        # teardown: gloo's worker threads can still hold tensors then, and freeing them during finalization
+        # aborts the rank (SIGABRT, "terminate called without an active exception": seen in ~1 of 8 CI runs
+        # of the 2-process FSDP test, after a complete run), which torchrun reports as a failed job
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
