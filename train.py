@@ -151,7 +151,6 @@ def build(cfg, fit=True):
     return tok, encoder, text, mcfg
 
 
-@torch.no_grad()
 def native_bf16_cpu():
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Elsewhere bf16 matmuls are emulated and
     slower than fp32. (torch.cpu's probes are private; a torch without them counts as no.)"""
@@ -170,6 +169,7 @@ def precision(dtype, device):
     return dtype, torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 
 
+@torch.no_grad()
 def evaluate(model, dataset, n_batches, device, ctx):
     """Held-out losses, each on its own document kind so the numbers do not depend on the mixture:
     text perplexity on text documents, caption loss on image->caption, flow loss on caption->image.
