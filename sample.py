@@ -6,6 +6,7 @@ latents, run Euler steps with CFG, append <EOI>, resume the text; the clean late
     python sample.py                                          # every mode, from out/ckpt.pt, into out/samples/
     python sample.py --mode=t2i --prompt="a large red circle at the center." --n=8
     python sample.py --mode=i2t --image=picture.png
+    python sample.py --mode=i2t --prompt="q: how many objects are there? a:"   # a question about the picture
     python sample.py --mode=text --prompt="there are"
 
 A KV cache keeps the prefix's keys and values, so each Euler step of an image runs only its N latent slots;
@@ -375,8 +376,11 @@ def main(argv):
             scene = world.sample_scene(rng)
             images, truth = data.image_tensor([world.render(scene, encoder.res, rng=rng)]), scene
         z = encoder.encode(images.to(dev))[0]
-        ids, _ = generate(model, tok, [data.Visual(None, False, z)], **gen)
-        print(f"[i2t] caption: {text_of(ids[0])!r}" + (f"  (truth: {truth})" if truth else ''))
+        # after the picture, the prompt (a question, as qa documents write it) or nothing (a caption, or the
+        # model's own question: it writes whichever of its training documents it finds likelier)
+        asked = cfg['prompt'] if cfg['mode'] == 'i2t' and cfg['prompt'] else ''
+        ids, _ = generate(model, tok, [data.Visual(None, False, z)] + ([asked] if asked else []), **gen)
+        print(f"[i2t] {asked!r} -> {text_of(ids[0])!r}" + (f"  (truth: {truth})" if truth else ''))
     if cfg['mode'] in ('all', 'interleaved'):
         prompt = cfg['prompt'] or world.caption(world.sample_scene(rng, 1), rng)
         ids, images = generate(model, tok, [prompt], **gen)

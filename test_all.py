@@ -394,6 +394,13 @@ def run_script(script, *args):
     return subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
 
 
+def test_sample_answers_a_question_about_a_picture(tiny_ckpt):
+    r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=i2t', '--max_new_tokens=4',
+                   '--prompt=q: how many objects are there? a:')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[i2t] 'q: how many objects are there? a:' -> " in r.stdout and '(truth: ' in r.stdout
+
+
 def test_sample_writes_a_png_grid_that_reads_back(tiny_ckpt, tmp_path):
     import imageio.v3 as iio
     r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=t2i', '--n=3', '--steps=2', f'--out_dir={tmp_path}',
