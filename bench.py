@@ -12,6 +12,7 @@ MFU = achieved FLOP/s / peak; model FLOPs per token = 6 * N_active + 12 * n_laye
 scores and values, forward and backward, as in nanoGPT). The peak is looked up for known GPUs, or --peak_tflops.
 """
 
+import itertools
 import json
 import os
 import resource
@@ -78,8 +79,8 @@ def bench_train(cfg, device):
         opt.zero_grad(set_to_none=True)
 
     sec = timed(step, device)
-    i = iter(range(1, 10**6))  # the data side of a step: build (pack) a fresh training batch
-    res_data = {'data_ms_per_batch': 1e3 * timed(lambda: dataset.get('train', next(i)), torch.device('cpu'))}
+    steps = itertools.count(1)  # the data side of a step: build (pack) a fresh training batch
+    res_data = {'data_ms_per_batch': 1e3 * timed(lambda: dataset.get('train', next(steps)), torch.device('cpu'))}
     tokens = cfg['batch_size'] * cfg['block_size']
     n_active = model.count_params()['active']
     flops_per_token = 6 * n_active + 12 * mcfg.n_layer * mcfg.d_model * cfg['block_size']

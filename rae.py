@@ -38,7 +38,7 @@ from tqdm import tqdm
 import data
 import world
 from pretrained import LatentNorm
-from train import seed_of
+from train import save_atomic, seed_of
 
 # -----------------------------------------------------------------------------
 # pixels: the paper's pixel baseline (non-overlapping RGB patches, 14x14x3 = 588-d at 224²)
@@ -209,12 +209,6 @@ class PatchDiscriminator(nn.Module):
 # training stages: MAE pretraining of the vit encoder, then the decoder
 
 
-def save_atomic(obj, path):
-    tmp = Path(str(path) + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def run_stage(name, path, modules, opts, steps, lr, step_fn, seed, save_every=200):
     """The loop every stage shares: warmup + cosine (to 10%) on every optimizer, per-step randomness from
     (seed, step) only, a checkpoint of modules + optimizers every save_every steps (temp file + rename), and
@@ -338,6 +332,7 @@ feat_weight = 0.1         # feature loss weight (vit only: backpropagating throu
 gan_weight = 0.0          # adversarial loss weight (0 = off)
 gan_start = 600
 report = False            # True: score pixel, vit (and dinov2 from ../shared) side by side -> docs/rae.json
+DINOV2_LOCAL = Path(__file__).resolve().parent.parent / 'shared' / 'weights' / 'dinov2-vits14'
 RECIPE = 2                # bump when the building code changes what it builds: old cached RAEs are then rebuilt
 SETTINGS = {k: v for k, v in dict(globals()).items() if k in (
     'encoder', 'encoder_path', 'cache_dir', 'image_size', 'patch_size', 'n_images', 'mae_steps', 'decoder_steps',
@@ -498,8 +493,6 @@ def main(argv):
     Path('docs/rae.json').write_text(json.dumps(rows, indent=1))
     print("wrote docs/rae.json")
 
-
-DINOV2_LOCAL = Path(__file__).resolve().parent.parent / 'shared' / 'weights' / 'dinov2-vits14'
 
 if __name__ == '__main__':
     main(sys.argv[1:])

@@ -378,7 +378,7 @@ def main(argv):
         z = encoder.encode(images.to(dev))[0]
         # after the picture, the prompt (a question, as qa documents write it) or nothing (a caption, or the
         # model's own question: it writes whichever of its training documents it finds likelier)
-        asked = cfg['prompt'] if cfg['mode'] == 'i2t' and cfg['prompt'] else ''
+        asked = cfg['prompt'] if cfg['mode'] == 'i2t' else ''
         ids, _ = generate(model, tok, [data.Visual(None, False, z)] + ([asked] if asked else []), **gen)
         print(f"[i2t] {asked!r} -> {text_of(ids[0])!r}" + (f"  (truth: {truth})" if truth else ''))
     if cfg['mode'] in ('all', 'interleaved'):

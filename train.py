@@ -212,10 +212,14 @@ def save_checkpoint(path, raw_model, optimizer, cfg, step, extra, sharded=False)
         model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
     if int(os.environ.get('RANK', 0)) != 0:
         return
-    ckpt = {'model': model_sd, 'optimizer': optim_sd, 'config': cfg, 'model_config': asdict(raw_model.cfg),
-            'step': step, **extra}
-    tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
+    save_atomic({'model': model_sd, 'optimizer': optim_sd, 'config': cfg, 'model_config': asdict(raw_model.cfg),
+                 'step': step, **extra}, path)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, then rename: a crash mid-write leaves the previous file intact."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
