@@ -202,6 +202,24 @@ def test_byte_tokenizer_round_trips_and_has_specials_after_the_bytes():
     assert tok.vocab_size == 262
 
 
+def test_world_tokenizer_keeps_world_words_whole_and_still_encodes_any_text():
+    tok = data.get_tokenizer('world')
+    line = 'q: where is the blue circle? a: top left\n'
+    ids = tok.encode(line)
+    assert [tok.decode([i]) for i in ids][-3:] == [' top', ' left', '\n'] and len(ids) == 13
+    for s in (line, 'action: dx=+2, dy=-1', 'Hello, wörld! 123 \t x'):
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.pad == tok.encoding.n_vocab and tok.vocab_size < 1024
+
+
+def test_bpe_learning_is_deterministic_and_merges_the_most_frequent_pair_first():
+    texts = ['the cat', 'the hat', 'the mat'] * 3
+    ranks = data.learn_bpe(texts)
+    assert ranks == data.learn_bpe(texts)
+    assert ranks[b'th'] == 256 and ranks[b'the'] == 257   # th, he and at all occur 9 times: ties go to the larger pair
+    assert b' cat' in ranks and b'the' in ranks and b' the' not in ranks   # words stay within pre-tokens
+
+
 def test_tiktoken_tokenizer_wraps_a_bpe_encoding_without_downloading():
     import tiktoken
     ranks = {bytes([i]): i for i in range(256)}

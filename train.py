@@ -31,7 +31,7 @@ seed = 1337
 device = 'auto'           # auto | cpu | cuda
 dtype = 'auto'            # auto (bf16 on CUDA and CPUs with native bf16, else fp32) | float32 | bfloat16
 # data
-tokenizer = 'byte'        # byte | a tiktoken encoding name (gpt2)
+tokenizer = 'world'       # world (a BPE learnt from the world's text) | byte | a tiktoken encoding (gpt2)
 vocab_size = 0            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
 text_source = ''          # '' = the world's text documents; else a .txt path or http(s) URL of real text
 mixture = 'text=0.1,caption2image=0.45,image2caption=0.15,qa=0.3'   # + video, action; 'paper': §2.5
