@@ -103,7 +103,9 @@ QUESTION_KINDS = (('what color', 'color'), ('what shape', 'shape'), ('where', 'p
 
 def understanding_accuracy(model, tok, encoder, n, seed):
     """Answers to n questions about held-out pictures, greedy; accuracy overall and per kind of question
-    (world.question_answer's seven), each beside the chance of a uniform guess among its answers."""
+    (world.question_answer's seven), each beside the chance of a uniform guess among its answers and the
+    accuracy of the best constant answer per kind on these very questions ('majority': 'yes' is right ~60% of
+    the time, so a model that always says yes scores that without looking)."""
     rng = np.random.default_rng([seed, 13])
     device = next(model.parameters()).device
     rows = []
@@ -115,13 +117,17 @@ def understanding_accuracy(model, tok, encoder, n, seed):
         # the answer is the rest of the line (training documents ask one question per line)
         said = tok.decode([i for i in ids[0].tolist() if 0 <= i < tok.pad]).split('\n')[0].strip()
         kind = next(name for prefix, name in QUESTION_KINDS if q.startswith(prefix))
-        rows.append((kind, said == a, answer_chance(a)))
-    res = {'accuracy': float(np.mean([r[1] for r in rows])), 'chance': float(np.mean([r[2] for r in rows]))}
-    res['by_kind'] = {name: {'accuracy': float(np.mean([r[1] for r in rows if r[0] == name])),
-                             'chance': float(np.mean([r[2] for r in rows if r[0] == name])),
-                             'n': sum(r[0] == name for r in rows)}
-                      for _, name in QUESTION_KINDS if any(r[0] == name for r in rows)}
-    return res
+        rows.append((kind, said == a, answer_chance(a), a))
+    by_kind = {}
+    for _, name in QUESTION_KINDS:
+        kind_rows = [r for r in rows if r[0] == name]
+        if kind_rows:
+            answers = [r[3] for r in kind_rows]
+            by_kind[name] = {'accuracy': float(np.mean([r[1] for r in kind_rows])),
+                             'chance': float(np.mean([r[2] for r in kind_rows])),
+                             'majority': max(map(answers.count, set(answers))) / len(answers), 'n': len(kind_rows)}
+    return {'accuracy': float(np.mean([r[1] for r in rows])), 'chance': float(np.mean([r[2] for r in rows])),
+            'majority': sum(k['majority'] * k['n'] for k in by_kind.values()) / len(rows), 'by_kind': by_kind}
 
 
 def heldout_walks(n, n_frames, seed):
@@ -257,10 +263,11 @@ def main(argv):
             c = res['chance'].get(attr)
             print(f"{f'{key} {attr}':34s} {res[key][attr]:8.3f}   {'' if c is None else f'{c:.3f}'}")
     u = res['understanding']
-    print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}")
+    print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}   "
+          f"{u['majority']:.3f} (best constant answer per kind)")
     for name, r in u['by_kind'].items():
         label = f"  {name} ({r['n']} questions)"
-        print(f"{label:34s} {r['accuracy']:8.3f}   {r['chance']:.3f}")
+        print(f"{label:34s} {r['accuracy']:8.3f}   {r['chance']:.3f}   {r['majority']:.3f}")
     if 'world_model' in res:
         w, p = res['world_model'], res['planning']
         label = f"world model ATE, {cfg['horizon']}-step rollout (px)"
