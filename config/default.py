@@ -1,6 +1,7 @@
 # The CPU default, written out: `python train.py` with no arguments runs exactly this (train.py's defaults).
 # Copy this file to start your own config; every key here is a train.py global.
 out_dir = 'out'
+tokenizer = 'world'        # a BPE learnt from the world's own text (data.py)
 d_model = 256
 n_layer = 6
 n_head = 8
