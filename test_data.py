@@ -1,0 +1,62 @@
+"""data.py: the tokenizers (bytes, the world BPE, any tiktoken encoding), world documents and the mixture."""
+
+import numpy as np
+import pytest
+
+import data
+import world
+
+
+def test_byte_tokenizer_round_trips_and_has_specials_after_the_bytes():
+    tok = data.Tokenizer()
+    s = 'a red circle, top left. ünïcode'
+    assert tok.decode(tok.encode(s)) == s
+    assert sorted([tok.pad, tok.bos, tok.eos, tok.boi, tok.eoi, tok.img]) == list(range(256, 262))
+    assert tok.vocab_size == 262
+
+
+def test_world_tokenizer_keeps_world_words_whole_and_still_encodes_any_text():
+    tok = data.get_tokenizer('world')
+    line = 'q: where is the blue circle? a: top left\n'
+    ids = tok.encode(line)
+    assert [tok.decode([i]) for i in ids][-3:] == [' top', ' left', '\n'] and len(ids) == 13
+    for s in (line, 'action: dx=+2, dy=-1', 'Hello, wörld! 123 \t x'):
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.pad == tok.encoding.n_vocab and tok.vocab_size < 1024
+
+
+def test_bpe_learning_is_deterministic_and_merges_the_most_frequent_pair_first():
+    texts = ['the cat', 'the hat', 'the mat'] * 3
+    ranks = data.learn_bpe(texts)
+    assert ranks == data.learn_bpe(texts)
+    assert ranks[b'th'] == 256 and ranks[b'the'] == 257   # th, he and at all occur 9 times: ties go to the larger pair
+    assert b' cat' in ranks and b'the' in ranks and b' the' not in ranks   # words stay within pre-tokens
+
+
+def test_tiktoken_tokenizer_wraps_a_bpe_encoding_without_downloading():
+    import tiktoken
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b'ab'] = 256
+    enc = tiktoken.Encoding('tiny', pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
+    tok = data.Tokenizer(enc)
+    ids = tok.encode('abab c')
+    assert ids[:2] == [256, 256] and tok.decode(ids) == 'abab c'
+    assert tok.pad == 257 and tok.vocab_size == 257 + 6
+
+
+def test_qa_documents_ask_several_questions_about_their_picture_one_per_line():
+    scene = world.sample_scene(np.random.default_rng(3), 3)
+    pool = ([scene], np.zeros((1, 64, 48), np.float16))
+    picture, text = data.world_document('qa', np.random.default_rng(4), pool)
+    assert isinstance(picture, data.Visual) and not picture.target  # clean context: read, not generated
+    replay = np.random.default_rng(4)
+    replay.integers(1)  # the draw of the picture from the pool
+    expected = [world.question_answer(scene, replay) for _ in range(data.QA_PER_PICTURE)]
+    assert text.split('\n') == [f"q: {q} a: {a}" for q, a in expected] and data.QA_PER_PICTURE > 1
+
+
+def test_mixture_spec_errors_are_clear():
+    assert data.parse_mixture('text=1,qa=3') == (['text', 'qa'], [0.25, 0.75])
+    for bad in ('text', 'movie=1', 'text=-1', 'text=0'):
+        with pytest.raises(ValueError):
+            data.parse_mixture(bad)
