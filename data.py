@@ -387,7 +387,8 @@ def latent_cache(encoder, split, n, cache_dir, batch_size=256):
     """The split's first n pool pictures encoded once: float16 [n, N, d], memory-mapped from cache_dir.
     The file name carries a hash of the encoder's weights and normalisation (an RAE's latents depend on its
     encoder only, not its decoder), the split, n and the picture size: a changed encoder or data config
-    builds a new cache instead of reading a stale one. Written to a temp file and renamed when complete."""
+    builds a new cache instead of reading a stale one. Written to a temp file and renamed when complete (two runs
+    building the same cache at once both finish, and the last rename wins)."""
     core = getattr(encoder, 'encoder', encoder)
     h = hashlib.sha1(f'{split},{n},{encoder.res},{POOL_SEED}'.encode())
     for k, v in sorted(core.state_dict().items()):
@@ -396,7 +397,7 @@ def latent_cache(encoder, split, n, cache_dir, batch_size=256):
     path = Path(cache_dir) / f'latents-{encoder.name}-{split}-{n}-{h.hexdigest()[:12]}.npy'
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + '.tmp.npy')
+        tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npy')  # per process: runs may share cache_dir
         out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=(n, encoder.n_tokens, encoder.d_latent))
         with torch.no_grad():
             for i in tqdm(range(0, n, batch_size), desc=f'encoding {n} {split} pictures ({encoder.name})'):

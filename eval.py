@@ -50,14 +50,16 @@ device = 'auto'
 def held_out_losses(model, dataset, n_batches, ts):
     """Mean held-out LM loss on text documents and on captions, and the flow loss at each fixed t."""
     res = {}
-    with torch.random.fork_rng():
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(0)
         for name, kind in (('text', 'text=1'), ('caption', 'image2caption=1')):
-            losses = [model(dataset.get('val', i, mixture=kind))[1]['lm_loss'].item() for i in range(n_batches)]
+            losses = [model(dataset.get('val', i, mixture=kind).to(device))[1]['lm_loss'].item()
+                      for i in range(n_batches)]
             res[f'{name}_ppl'] = math.exp(sum(losses) / len(losses))
         for t in ts:
-            losses = [model(dataset.get('val', i, mixture='caption2image=1'), t_fixed=t)[1]['flow_loss'].item()
-                      for i in range(n_batches)]
+            losses = [model(dataset.get('val', i, mixture='caption2image=1').to(device), t_fixed=t)[1]['flow_loss']
+                      .item() for i in range(n_batches)]
             res[f'diffusion_loss_t{t:g}'] = sum(losses) / len(losses)
     res['diffusion_loss_mean'] = float(np.mean([res[f'diffusion_loss_t{t:g}'] for t in ts]))
     return res
@@ -216,9 +218,10 @@ def expert_specialisation(model, dataset, n_batches):
     """Routing counts per layer on held-out batches of every kind -> the specialisation table (PAPER.md §6)."""
     from moe import routing_stats
     counts = 0
+    device = next(model.parameters()).device
     for i in range(n_batches):
         for kind in ('text=1', 'caption2image=1', 'image2caption=1'):
-            counts = counts + model(dataset.get('val', i, mixture=kind))[1]['counts']
+            counts = counts + model(dataset.get('val', i, mixture=kind).to(device))[1]['counts']
     table = []
     for layer, c in enumerate(counts):
         s = routing_stats(c, model.blocks[layer].ffn.k)

@@ -229,7 +229,7 @@ class ModelConfig:
     shift: float = 0.0         # noise shift alpha; 0 = the RAE formula sqrt(N*d/4096)
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    attn: str = 'auto'         # auto (flex on CUDA, SDPA elsewhere) | sdpa | flex
+    attn: str = 'auto'         # auto (flex to train on CUDA, SDPA elsewhere) | sdpa | flex
 
     def __post_init__(self):
         checks = [
@@ -311,7 +311,10 @@ class Transfusion(nn.Module):
         return {'total': total, 'active': total - idle, 'paper_active': total - idle - routers - adapters}
 
     def make_mask(self, doc, block):
-        use_flex = self.cfg.attn == 'flex' or (self.cfg.attn == 'auto' and doc.is_cuda)
+        # 'auto' = flex for CUDA training only: its compiled kernel is built per sequence length (sampling's
+        # prefixes vary: recompiles, then a crash on an H100), and it needs head dims >= 16 (tiny test models)
+        use_flex = self.cfg.attn == 'flex' or (self.cfg.attn == 'auto' and doc.is_cuda and self.training
+                                               and self.cfg.d_model // self.cfg.n_head >= 16)
         return flex_block_mask(doc, block) if use_flex else dense_mask(doc, block)
 
     def hidden(self, tokens, modality, block, doc, pos, z, t, cache=None):

@@ -217,8 +217,9 @@ def save_checkpoint(path, raw_model, optimizer, cfg, step, extra, sharded=False)
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp file, then rename: a crash mid-write leaves the previous file intact."""
-    tmp = f'{path}.tmp'
+    """torch.save to a temp file, then rename: a crash mid-write leaves the previous file intact. The temp name
+    is per process, so runs sharing a cache_dir may build the same RAE at once."""
+    tmp = f'{path}.{os.getpid()}.tmp'
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
