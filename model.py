@@ -249,6 +249,7 @@ class ModelConfig:
         return self.shift if self.shift > 0 else flow.shift_alpha(self.n_latent, self.d_latent)
 
 
+@torch.compiler.disable  # the draw's shape is data (the block count): compiled, it failed on the second batch
 def frame_times(batch, alpha, t_fixed=None):
     """t per position (B, T): one draw per visual block (each picture or video frame has its own t, Diffusion
     Forcing), shared by the block's latent slots; context blocks and text are clean (t = 1)."""

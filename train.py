@@ -71,6 +71,7 @@ learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 50
 max_iters = 900
+lr_decay_iters = 0        # 0 = max_iters; the cosine reaches min_lr here (larger: stop part-way down a longer schedule)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -126,10 +127,11 @@ def configure(defaults, argv):
 
 
 def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at max_iters."""
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (0: max_iters)."""
     if it < cfg['warmup_iters']:
         return cfg['learning_rate'] * (it + 1) / cfg['warmup_iters']
-    progress = min(1.0, (it - cfg['warmup_iters']) / max(1, cfg['max_iters'] - cfg['warmup_iters']))
+    end = cfg['lr_decay_iters'] or cfg['max_iters']
+    progress = min(1.0, (it - cfg['warmup_iters']) / max(1, end - cfg['warmup_iters']))
     return cfg['min_lr'] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 
