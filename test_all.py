@@ -402,6 +402,7 @@ def test_eval_writes_every_score_with_its_chance_level(tiny_ckpt, tmp_path):
     u = res['understanding']
     assert 0 < u['chance'] < 1 and 0 <= u['accuracy'] <= 1
     assert sum(k['n'] for k in u['by_kind'].values()) == 3  # every question counted under its kind
+    assert all(k['by_objects'] and set(k['by_objects']) <= {'1', '2', '3'} for k in u['by_kind'].values())
     # the best constant answer of a kind gets at least one of its questions right
     assert all(k['majority'] * k['n'] >= 1 for k in u['by_kind'].values()) and u['majority'] <= 1
 
