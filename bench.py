@@ -21,12 +21,23 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity
+
+import data
+import pipeline
+import rae
+import train
+from configurator import configure, fail, knobs, precision, resolve_device
+from generate import text_to_image
+from model import ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask
+from moe import MoE
+from optim import configure_optimizer
 
 # -----------------------------------------------------------------------------
-out = 'out-bench/bench.json'
+out = 'out-bench/bench.json'  # where the JSON goes
 only = ''                 # '' = everything; or train | attention | moe | sampling
-repeats = 5
-warmup = 2
+repeats = 5               # timed repeats per measurement (the median is reported)
+warmup = 2                # untimed calls before them
 threads = 0               # torch CPU threads; 0 = torch's default (the core count)
 moe_tokens = 4096         # MoE layer benchmark: tokens per call
 moe_width = 256           #   d_model
@@ -57,17 +68,15 @@ def timed(fn, device):
 
 
 def bench_train(cfg, device):
-    import data
-    import train
-    from model import Transfusion
-    tok, encoder, text, mcfg = train.build(cfg)
-    dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], text=text,
-                             n_images=cfg['n_images'], cache_dir=cfg['cache_dir'])
+    tok, text = pipeline.check(cfg)
+    encoder = rae.build_encoder(cfg)
+    mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
+    dataset = pipeline.make_dataset(cfg, tok, encoder, text, seed=0)
     model = Transfusion(mcfg).to(device)
-    opt = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.type)
+    opt = configure_optimizer(model, cfg['optimizer'], 1e-4, cfg['muon_lr'] / 10, 0.1, (0.9, 0.95), device.type)
     fwd = torch.compile(model) if cfg['compile'] else model
     batch = dataset.get('train', 0).to(device)
-    dtype, amp = train.precision(cfg['dtype'], device)
+    dtype, amp = precision(cfg['dtype'], device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
 
@@ -102,9 +111,8 @@ def bench_train(cfg, device):
 
 def profile_step(step, device, n_steps=3, top=12):
     """Self time of each op over n_steps warm steps, as shares of the total, largest first."""
-    from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts) as prof:
         for _ in range(n_steps):
             step()
     attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
@@ -121,7 +129,6 @@ def profile_step(step, device, n_steps=3, top=12):
 
 def bench_attention(device):
     """SDPA with a dense boolean mask vs flex_attention with a block mask, same packed-sequence mask."""
-    from model import dense_mask, flex_attention, flex_block_mask
     if device.type != 'cuda':
         return {'skipped': 'flex_attention is timed on CUDA only (CPU flex is an unfused reference path)'}
     B, H, T, hd = 4, 16, 2048, 64
@@ -141,7 +148,6 @@ def bench_moe(cfg, device):
     of a shared machine hits both alike; medians after warm-up. The 1-minute load average is recorded: with
     more runnable threads than cores every op pays a synchronisation stall, which favours the path with fewer
     ops (grouped) far beyond what it gains on idle cores."""
-    from moe import MoE
     N, D, Fh, k = cfg['moe_tokens'], cfg['moe_width'], cfg['moe_hidden'], cfg['moe_k']
     fast = 'grouped'
     paths = [fast, 'loop']
@@ -190,9 +196,6 @@ def bench_moe(cfg, device):
 
 def bench_sampling(device):
     """One text->image generation (25 Euler steps, CFG) after a 256-token prefix, with and without the KV cache."""
-    import data
-    import sample
-    from model import ModelConfig, Transfusion
     torch.manual_seed(0)
     cfg = ModelConfig(block_size=512, d_model=256, n_layer=6, n_head=8, n_kv_head=4, d_ff=768)
     model = Transfusion(cfg).to(device).eval()
@@ -204,24 +207,26 @@ def bench_sampling(device):
     for scale, tag in ((3.0, ''), (1.0, '_no_cfg')):
         for use_cache in (True, False):
             res[('cached_s' if use_cache else 'uncached_s') + tag] = timed(
-                lambda: sample.text_to_image(model, tok, prompt, B=1, steps=25, cfg_scale=scale,
+                lambda: text_to_image(model, tok, prompt, B=1, steps=25, cfg_scale=scale,
                                              use_cache=use_cache), device)
         res['cache_speedup' + tag] = res['uncached_s' + tag] / res['cached_s' + tag]
     return res
 
 
 def main(argv):
-    import train
-    cfg = train.configure({**train.knobs(vars(train)), **train.knobs(globals())}, argv)
+    """The train step is timed on train.py's config (its knobs, config files and all), plus this file's."""
+    own, run = knobs(globals()), knobs(vars(train))
+    help_sections = [('bench (bench.py)', list(own), __file__), ('run (train.py)', list(run), train.__file__),
+                     *pipeline.help_sections()]
+    cfg = configure({**pipeline.run_knobs(), **run, **own}, argv, __doc__, help_sections)
     globals().update({k: cfg[k] for k in ('repeats', 'warmup')})
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
-    dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(dev)
+    device = resolve_device(cfg['device'])
     sections = {'train': lambda: bench_train(cfg, device), 'attention': lambda: bench_attention(device),
                 'moe': lambda: bench_moe(cfg, device), 'sampling': lambda: bench_sampling(device)}
     if cfg['only'] and cfg['only'] not in sections:
-        raise SystemExit(f"error: --only must be one of {', '.join(sections)}, got {cfg['only']!r}")
+        fail(f"--only must be one of {', '.join(sections)}, got {cfg['only']!r}")
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f"CPU ({torch.get_num_threads()} threads)"
     results = {'device': name, 'torch': torch.__version__}
     for key, fn in sections.items():

@@ -6,7 +6,7 @@ A document is a list of segments: text (str) and visual blocks (Visual). In the 
 `<BOI>` + N latent slots + `<EOI>`; every document is `<BOS> ... <EOS>`. Several documents are packed into one
 row of length T; what is left at the end of a row is padding.
 
-What later tokens see of a noised image (DESIGN.md) — the policy of this repo:
+What later tokens see of a noised image (docs/design.md) — the policy of this repo:
     a visual block is either a TARGET (it is noised with its own t and carries the flow loss: the image of a
     caption->image document) or CONTEXT (it is fed clean, t = 1, and carries no flow loss: the image of an
     image->caption or question/answer document). So text that reads an image always reads it clean, and no
@@ -19,16 +19,37 @@ ranks read disjoint streams by asking for different indices (train.py: index = m
 import hashlib
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import requests
+import tiktoken
 import torch
 from tqdm import tqdm
 
 import video
 import world
+from configurator import remove_orphans
+
+# -----------------------------------------------------------------------------
+# knobs: what the batches are made of (train.py and bench.py read them; `python train.py --help` lists them)
+KNOBS = dict(
+    tokenizer='world',       # world (a BPE learnt from the world's text) | byte | a tiktoken encoding (gpt2)
+    vocab_size=0,            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
+    text_source='',          # '' = the world's text documents; else a .txt path or http(s) URL of real text
+    mixture='text=0.1,caption2image=0.45,image2caption=0.15,qa=0.3',  # shares of documents (+ video, action; 'paper')
+    video_frames=5,          # frames per video / action clip (each n_latent + 2 tokens): must fit in block_size
+    p_uncond=0.1,            # caption dropout for classifier-free guidance (docs/paper.md §4)
+    n_images=16384,          # training pictures in the pool, encoded once into the latent cache
+    block_size=256,          # tokens per packed row (clips of 64-latent frames need 512: config/world.py)
+    batch_size=16,           # rows per micro-batch, per process
+)
+TEXT_MAX_BYTES = 256 << 20   # a text_source larger than this is refused (it is read whole)
+TEXT_TIMEOUT_S = 120         # a text_source URL must arrive within this many seconds
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -114,12 +135,11 @@ def learn_bpe(texts, max_merges=768):
 
 @lru_cache(maxsize=None)
 def get_tokenizer(name):
-    """'world' (the default: a BPE learnt from the world's text, PAPER.md's text is BPE-tokenised too, and
+    """'world' (the default: a BPE learnt from the world's text, the paper's text is BPE-tokenised too, and
     whole words make every question and caption ~4x shorter than bytes do; any other text still encodes,
     through the byte tokens), 'byte', or a tiktoken encoding such as 'gpt2' (tiktoken fetches its file once)."""
     if name == 'byte':
         return Tokenizer()
-    import tiktoken
     if name == 'world':
         return Tokenizer(tiktoken.Encoding('world', pat_str=WORD_PATTERN, mergeable_ranks=learn_bpe(world_corpus()),
                                            special_tokens={}))
@@ -153,7 +173,7 @@ def world_document(kind, rng, pool, p_uncond=0.0):
     i = int(rng.integers(len(scenes)))
     scene, z = scenes[i], torch.from_numpy(np.asarray(latents[i], dtype=np.float32))
     if kind == 'caption2image':
-        # classifier-free guidance: 10% of generation documents lose their caption (PAPER.md §4)
+        # classifier-free guidance: 10% of generation documents lose their caption (docs/paper.md §4)
         text = '' if rng.random() < p_uncond else world.caption(scene, rng)
         return [text, Visual(None, True, z)] if text else [Visual(None, True, z)]
     if kind == 'image2caption':
@@ -165,7 +185,7 @@ def world_document(kind, rng, pool, p_uncond=0.0):
 
 
 KINDS = ('text', 'caption2image', 'image2caption', 'qa', 'video', 'action')
-# PAPER.md §2.5: text 50%, image-text 22.5%, video 25%, action-conditioned video 2.5% (the paper's shares are
+# docs/paper.md §2.5: text 50%, image-text 22.5%, video 25%, action-conditioned video 2.5% (the paper's shares are
 # of tokens; here they are of documents, and image-text is split evenly between the two directions)
 PAPER_MIXTURE = 'text=0.5,caption2image=0.1125,image2caption=0.1125,video=0.25,action=0.025'
 
@@ -208,14 +228,33 @@ def parse_mixture(spec):
             w = float(w)
         except ValueError:
             raise ValueError(f"mixture entry {part!r} is not name=weight") from None
-        if name not in KINDS or w < 0:
-            raise ValueError(f"mixture entry {part!r}: unknown kind or negative weight")
+        if name not in KINDS:
+            raise ValueError(f"mixture entry {part!r} names no document kind (kinds: {', '.join(KINDS)})")
+        if w < 0 or w != w:
+            raise ValueError(f"mixture entry {part!r} has a negative weight")
         kinds.append(name)
         weights.append(w)
     total = sum(weights)
     if total <= 0:
         raise ValueError(f"mixture {spec!r} has no positive weight")
     return kinds, [w / total for w in weights]
+
+
+def longest_documents(kinds, tok, n_latent, video_frames, n=300):
+    """{kind: the longest of n documents of that kind drawn from a fixed seed, in tokens}, without rendering or
+    encoding a picture: what block_size must hold, checked before any long work. (World documents come from
+    a few templates, so n draws find the longest there is; clips, drawn n // 4 times, have a fixed layout.)"""
+    rng = np.random.default_rng(0)
+    scenes = world_scenes('train', 64)
+    pool = scenes, np.zeros((len(scenes), n_latent, 1), np.float16)
+    longest = {}
+    for kind in kinds:
+        if kind in ('video', 'action'):
+            docs = (video_document(kind, rng, 'train', video_frames) for _ in range(n // 4))
+        else:
+            docs = (world_document(kind, rng, pool) for _ in range(n))
+        longest[kind] = max(doc_length(d, tok, n_latent) for d in docs)
+    return longest
 
 
 # -----------------------------------------------------------------------------
@@ -315,20 +354,39 @@ def unpack(batch, tok, row):
 
 
 def load_text(source):
-    """Real text from a local file or an http(s) URL (fetched with requests)."""
+    """Real text from a local file or an http(s) URL, as one string; ValueError naming the source when it
+    cannot be read, is not UTF-8, is empty, is larger than TEXT_MAX_BYTES or (a URL) takes longer than
+    TEXT_TIMEOUT_S to arrive."""
     if source.startswith(('http://', 'https://')):
-        import requests
+        raw, deadline = bytearray(), time.monotonic() + TEXT_TIMEOUT_S
         try:
-            r = requests.get(source, timeout=30)
-            r.raise_for_status()
+            with requests.get(source, stream=True, timeout=30) as r:
+                r.raise_for_status()
+                for chunk in r.iter_content(chunk_size=1 << 16):
+                    raw += chunk
+                    if len(raw) > TEXT_MAX_BYTES:
+                        raise ValueError(f"text source {source} is larger than {TEXT_MAX_BYTES >> 20} MB")
+                    if time.monotonic() > deadline:
+                        raise ValueError(f"text source {source} took longer than {TEXT_TIMEOUT_S} s to download")
         except requests.RequestException as e:
-            raise RuntimeError(f"could not fetch text from {source}: {e}") from None
-        return r.text
+            raise ValueError(f"could not fetch text from {source}: {e}") from None
+    else:
+        try:
+            if os.path.getsize(source) > TEXT_MAX_BYTES:
+                raise ValueError(f"text source {source} is larger than {TEXT_MAX_BYTES >> 20} MB")
+            with open(source, 'rb') as f:
+                raw = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read text source {source}: {e.strerror}") from None
     try:
-        with open(source, encoding='utf-8') as f:
-            return f.read()
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read text source {source}: {e.strerror}") from None
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text source {source} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+    if '\x00' in text:
+        raise ValueError(f"text source {source} holds NUL bytes: a binary file, not text")
+    if not text.strip():
+        raise ValueError(f"text source {source} is empty")
+    return text
 
 
 def text_chunk(text, rng, tok, T):
@@ -344,6 +402,31 @@ def text_chunk(text, rng, tok, T):
 def image_tensor(images):
     """uint8 [B, H, W, 3] (numpy) -> float [B, 3, H, W] in [0, 1]."""
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
+
+
+def to_rgb8(img):
+    """Any picture array imageio returns -> uint8 [H, W, 3]: 8- or 16-bit (or bool, or float in [0, 1]),
+    grayscale [H, W] or [H, W, 1], grayscale + alpha [H, W, 2], RGB, RGBA; alpha is composited over black;
+    an animation keeps its first frame. (imageio already expands palette pictures to RGB or RGBA.)"""
+    img = np.asarray(img)
+    if img.ndim == 4:
+        img = img[0]
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"an array of shape {img.shape} is not a picture")
+    if img.dtype == np.bool_:
+        x = img.astype(np.float64)
+    elif np.issubdtype(img.dtype, np.integer):  # 16-bit (uint16, or Pillow's int32 'I' mode): 65535 is white
+        x = img.astype(np.float64) / (255 if img.dtype == np.uint8 or img.max() <= 255 and img.dtype != np.uint16
+                                      else 65535)
+    else:
+        x = np.clip(img.astype(np.float64), 0, 1)
+    if x.shape[-1] in (2, 4):  # alpha
+        x = x[..., :-1] * x[..., -1:]
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, -1)
+    return np.round(x * 255).astype(np.uint8)
 
 
 # -----------------------------------------------------------------------------
@@ -387,25 +470,40 @@ def latent_cache(encoder, split, n, cache_dir, batch_size=256):
     """The split's first n pool pictures encoded once: float16 [n, N, d], memory-mapped from cache_dir.
     The file name carries a hash of the encoder's weights and normalisation (an RAE's latents depend on its
     encoder only, not its decoder), the split, n and the picture size: a changed encoder or data config
-    builds a new cache instead of reading a stale one. Written to a temp file and renamed when complete (two runs
-    building the same cache at once both finish, and the last rename wins)."""
+    builds a new cache instead of reading a stale one. Written to a temp file and renamed when complete (two
+    runs building the same cache at once both finish, and the last rename wins); a killed build's temp file is
+    removed by the next build, and a cache file that does not load with the expected shape is moved aside
+    (with a warning naming it) and rebuilt."""
     core = getattr(encoder, 'encoder', encoder)
     h = hashlib.sha1(f'{split},{n},{encoder.res},{POOL_SEED}'.encode())
     for k, v in sorted(core.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
     path = Path(cache_dir) / f'latents-{encoder.name}-{split}-{n}-{h.hexdigest()[:12]}.npy'
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npy')  # per process: runs may share cache_dir
-        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=(n, encoder.n_tokens, encoder.d_latent))
-        with torch.no_grad():
-            for i in tqdm(range(0, n, batch_size), desc=f'encoding {n} {split} pictures ({encoder.name})'):
-                images = world_images(split, min(i + batch_size, n), encoder.res, start=i)
-                out[i:i + len(images)] = encoder.encode(image_tensor(images)).numpy()
-        out.flush()
-        del out
-        os.replace(tmp, path)
+    shape = (n, encoder.n_tokens, encoder.d_latent)
+    if path.exists():
+        try:
+            cache = np.load(path, mmap_mode='r')
+            if cache.shape == shape and cache.dtype == np.float16:
+                return cache
+            why = f"it holds {cache.dtype} {cache.shape}, not float16 {shape}"
+        except (ValueError, OSError, EOFError) as e:
+            why = f"it does not load ({e})"
+        aside = path.with_name(path.name + '.corrupt')
+        os.replace(path, aside)
+        print(f"warning: latent cache {path} is unusable ({why}): moved to {aside.name}, rebuilding it",
+              file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path.parent, re.escape(path.stem))
+    tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npy')  # per process: runs may share cache_dir
+    out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
+    with torch.no_grad():
+        for i in tqdm(range(0, n, batch_size), desc=f'encoding {n} {split} pictures ({encoder.name})'):
+            images = world_images(split, min(i + batch_size, n), encoder.res, start=i)
+            out[i:i + len(images)] = encoder.encode(image_tensor(images)).numpy()
+    out.flush()
+    del out
+    os.replace(tmp, path)
     return np.load(path, mmap_mode='r')
 
 

@@ -1,5 +1,5 @@
 """
-Score a checkpoint on held-out world data, in the embedded-world form of the paper's metrics (PAPER.md §8):
+Score a checkpoint on held-out world data, in the embedded-world form of the paper's metrics (docs/paper.md §8):
 
     text perplexity        on text-only documents and on captions (DCLM / Notes PPL analogue)
     diffusion loss         on caption->image documents, at a fixed grid of t (held-out CC12M loss analogue)
@@ -14,7 +14,6 @@ Every score is printed beside its chance level.
 """
 
 import json
-import math
 import os
 import sys
 
@@ -23,46 +22,47 @@ import torch
 from tqdm import tqdm
 
 import data
-import world
 import video
-from sample import generate, load_checkpoint, rollout, text_to_image, to_uint8
+import world
+from configurator import configure, fail, finite_or_null, knobs, resolve_device
+from generate import generate, rollout, text_to_image
+from moe import routing_stats
+from pipeline import held_out_losses, load_checkpoint, make_dataset
+from rae import to_uint8
 
 # -----------------------------------------------------------------------------
-ckpt = 'out/ckpt.pt'
+ckpt = 'out/ckpt.pt'      # the checkpoint to score
 out = ''                  # '' = eval.json beside the checkpoint
 n_batches = 8             # held-out batches per perplexity / diffusion number
-t_grid = '0.1,0.3,0.5,0.7,0.9'
-n_prompts = 64            # generation prompts per (split, object count)
-steps = 25
-cfg_scale = 3.0
-n_questions = 400
+t_grid = '0.1,0.3,0.5,0.7,0.9'  # the fixed t of the diffusion losses
+n_prompts = 64            # generation prompts per (object count, seen / held-out combos)
+steps = 25                # Euler steps per picture
+cfg_scale = 3.0           # classifier-free guidance scale
+n_per_cell = 100          # understanding: questions per (kind of question, object count): 7 x 3 cells
 n_rollouts = 32           # held-out walks for the world-model error (checkpoints trained on action documents)
 context = 4               # true frames before the rollout
 horizon = 4               # predicted frames
 n_plans = 16              # planning episodes
 plan_steps = 10           # Euler steps per predicted frame while planning (CEM runs many rollouts)
-seed = 0
-device = 'auto'
+seed = 0                  # the evaluation's seed (prompts, pictures, questions, walks)
+device = 'auto'           # auto | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def held_out_losses(model, dataset, n_batches, ts):
-    """Mean held-out LM loss on text documents and on captions, and the flow loss at each fixed t."""
-    res = {}
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(0)
-        for name, kind in (('text', 'text=1'), ('caption', 'image2caption=1')):
-            losses = [model(dataset.get('val', i, mixture=kind).to(device))[1]['lm_loss'].item()
-                      for i in range(n_batches)]
-            res[f'{name}_ppl'] = math.exp(sum(losses) / len(losses))
-        for t in ts:
-            losses = [model(dataset.get('val', i, mixture='caption2image=1').to(device), t_fixed=t)[1]['flow_loss']
-                      .item() for i in range(n_batches)]
-            res[f'diffusion_loss_t{t:g}'] = sum(losses) / len(losses)
-    res['diffusion_loss_mean'] = float(np.mean([res[f'diffusion_loss_t{t:g}'] for t in ts]))
-    return res
+def check_knobs(cfg):
+    for k in ('n_batches', 'n_prompts', 'steps', 'n_per_cell', 'n_rollouts', 'context', 'horizon', 'n_plans',
+              'plan_steps'):
+        if cfg[k] < 1:
+            fail(f"{k} must be at least 1, got {cfg[k]}")
+    if cfg['cfg_scale'] < 0:
+        fail(f"cfg_scale must not be negative, got {cfg['cfg_scale']}")
+    try:
+        ts = [float(t) for t in cfg['t_grid'].split(',')]
+    except ValueError:
+        fail(f"t_grid must be comma-separated numbers, got {cfg['t_grid']!r}")
+    if not all(0 <= t < 1 for t in ts):
+        fail(f"every t of t_grid must lie in [0, 1) (t = 1 is clean), got {cfg['t_grid']!r}")
+    return ts
 
 
 def score_scene(pred, true):
@@ -99,52 +99,51 @@ def answer_chance(answer):
     return 0.0
 
 
-QUESTION_KINDS = (('what color', 'color'), ('what shape', 'shape'), ('where', 'place'), ('how many', 'count'),
-                  ('what size', 'size'), ('is there anything', 'anything at'), ('is there a', 'is there'))
+def answer_tokens(tok):
+    """Enough new tokens for the longest answer of any kind, and the newline that ends it."""
+    answers = [*world.COLORS, *world.SHAPES, *world.PLACES, *world.SIZES, 'yes', 'no', '1', '2', '3']
+    return max(len(tok.encode(f' {a}\n')) for a in answers)
 
 
-def understanding_accuracy(model, tok, encoder, n, seed):
-    """Answers to n questions about held-out pictures, greedy; accuracy overall and per kind of question
-    (world.question_answer's seven), each beside the chance of a uniform guess among its answers and the
-    accuracy of the best constant answer per kind on these very questions ('majority': 'yes' is right ~60% of
-    the time, so a model that always says yes scores that without looking). Per kind also the accuracy by
-    the picture's object count: a model that answers about a random object of the picture (no binding of the
-    question to its object) scores 1, 1/2, 1/3 on colour, shape and place questions with 1, 2, 3 objects."""
+def understanding_accuracy(model, tok, encoder, n_per_cell, seed):
+    """Greedy answers to questions about held-out pictures, n_per_cell of each kind of question
+    (world.QUESTION_KINDS) on pictures of 1, 2 and 3 objects: the accuracy overall and per kind, and per
+    (kind, object count) cell, each beside the chance of a uniform guess among its answers and the accuracy of
+    the best constant answer on these very questions ('majority': 'yes' is right ~60% of the time, so a model
+    that always says yes scores that without looking). The cells are the binding test: a model that answers
+    about a random object of the picture (the question not bound to its object) scores about 1, 1/2, 1/3 on
+    colour, shape and place questions with 1, 2, 3 objects."""
     rng = np.random.default_rng([seed, 13])
     device = next(model.parameters()).device
+    max_new = answer_tokens(tok)
     rows = []
-    for _ in tqdm(range(n), desc='understanding', leave=False):
-        scene = world.sample_scene(rng)
+    cells = [(kind, n_obj) for kind in world.QUESTION_KINDS for n_obj in (1, 2, 3)]
+    for kind, n_obj in tqdm([c for c in cells for _ in range(n_per_cell)], desc='understanding', leave=False):
+        scene = world.sample_scene(rng, n_obj)
         z = encoder.encode(data.image_tensor([world.render(scene, encoder.res, rng=rng)]).to(device))[0]
-        q, a = world.question_answer(scene, rng)
-        ids, _ = generate(model, tok, [data.Visual(None, False, z), f"q: {q} a:"], max_new_tokens=16)
+        q, a = world.question_answer(scene, rng, kind)
+        ids, _ = generate(model, tok, [data.Visual(None, False, z), f"q: {q} a:"], max_new_tokens=max_new)
         # the answer is the rest of the line (training documents ask one question per line)
         said = tok.decode([i for i in ids[0].tolist() if 0 <= i < tok.pad]).split('\n')[0].strip()
-        kind = next(name for prefix, name in QUESTION_KINDS if q.startswith(prefix))
-        rows.append((kind, said == a, answer_chance(a), a, len(scene)))
+        rows.append((kind, n_obj, said == a, answer_chance(a), a))
+
+    def summary(sel):
+        answers = [r[4] for r in sel]
+        return {'accuracy': float(np.mean([r[2] for r in sel])), 'chance': float(np.mean([r[3] for r in sel])),
+                'majority': max(map(answers.count, set(answers))) / len(answers), 'n': len(sel)}
     by_kind = {}
-    for _, name in QUESTION_KINDS:
-        kind_rows = [r for r in rows if r[0] == name]
-        if kind_rows:
-            answers = [r[3] for r in kind_rows]
-            by_kind[name] = {'accuracy': float(np.mean([r[1] for r in kind_rows])),
-                             'chance': float(np.mean([r[2] for r in kind_rows])),
-                             'majority': max(map(answers.count, set(answers))) / len(answers), 'n': len(kind_rows),
-                             'by_objects': {k: float(np.mean([r[1] for r in kind_rows if r[4] == k]))
-                                            for k in sorted({r[4] for r in kind_rows})}}
-    return {'accuracy': float(np.mean([r[1] for r in rows])), 'chance': float(np.mean([r[2] for r in rows])),
-            'majority': sum(k['majority'] * k['n'] for k in by_kind.values()) / len(rows), 'by_kind': by_kind}
+    for kind in world.QUESTION_KINDS:
+        sel = [r for r in rows if r[0] == kind]
+        by_kind[kind] = {**summary(sel), 'by_objects': {str(k): summary([r for r in sel if r[1] == k])
+                                                        for k in (1, 2, 3)}}
+    return {**summary(rows), 'majority': float(np.mean([k['majority'] for k in by_kind.values()])),
+            'by_kind': by_kind}
 
 
 def heldout_walks(n, n_frames, seed):
     """n walks over held-out maps: (map id, frames uint8 [F, H, W, 3], actions [(dx, dy)], positions)."""
     rng = np.random.default_rng([seed, 17])
-    ids = video.map_ids('heldout')
-    walks = []
-    for _ in range(n):
-        map_id = ids[int(rng.integers(len(ids)))]
-        walks.append((map_id, *video.sample_trajectory(rng, map_id, n_frames)))
-    return walks
+    return [video.heldout_walk(rng, n_frames) for _ in range(n)]
 
 
 def encode_frames(encoder, frames, device):
@@ -159,7 +158,7 @@ def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, bat
     """Roll the model out for `horizon` frames after `context` true frames of held-out walks, with the true
     actions, and read the motion back from the pictures: the camera shift between consecutive decoded frames
     (phase correlation, video.estimate_shift) against the action taken. RPE: per-step error of the shift;
-    ATE: error of the accumulated position, averaged over the rollout (PAPER.md §7's NWM metrics, in pixels).
+    ATE: error of the accumulated position, averaged over the rollout (docs/paper.md §7's NWM metrics, in pixels).
     The no-motion baseline predicts the last frame again: its shifts are 0."""
     walks = heldout_walks(n, context + horizon, seed)
     device = next(model.parameters()).device
@@ -185,7 +184,7 @@ def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, bat
 
 @torch.no_grad()
 def planning(model, tok, encoder, n, context, steps, seed, population=32, iters=3, n_elite=6):
-    """Goal-reaching with the model as simulator (NWM-style, PAPER.md §7): after `context` frames of a
+    """Goal-reaching with the model as simulator (NWM-style, docs/paper.md §7): after `context` frames of a
     held-out walk, a goal view one action away is given; the cross-entropy method searches actions (dx, dy),
     scoring each by the latent distance between the frame the model predicts for it and the goal's latents.
     Returns the final position error (pixels) of the best plan, executed in the true world, and of a random
@@ -219,8 +218,7 @@ def planning(model, tok, encoder, n, context, steps, seed, population=32, iters=
 
 @torch.no_grad()
 def expert_specialisation(model, dataset, n_batches):
-    """Routing counts per layer on held-out batches of every kind -> the specialisation table (PAPER.md §6)."""
-    from moe import routing_stats
+    """Routing counts per layer on held-out batches of every kind -> the specialisation table (docs/paper.md §6)."""
     counts = 0
     device = next(model.parameters()).device
     for i in range(n_batches):
@@ -233,17 +231,27 @@ def expert_specialisation(model, dataset, n_batches):
     return table
 
 
-def main(argv):
-    import train
-    cfg = train.configure(train.knobs(globals()), argv)
-    dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], dev)
-    ts = [float(t) for t in cfg['t_grid'].split(',')]
-    dataset = data.WorldData(tok, encoder, tcfg['block_size'], tcfg['batch_size'], 'text=1', seed=tcfg['seed'],
-                             n_images=tcfg['n_images'], cache_dir=tcfg['cache_dir'],
-                             video_frames=tcfg['video_frames'])
+def text_bytes_per_token(dataset, tok, n_batches):
+    """Bytes of text per LM target on the held-out text documents (the special tokens count as none): turns
+    the per-token text loss into nats per byte, comparable across tokenizers."""
+    n_targets = n_bytes = 0
+    for i in range(n_batches):
+        b = dataset.get('val', i, mixture='text=1')
+        ids = b.targets[b.targets >= 0]
+        n_targets += len(ids)
+        n_bytes += len(tok.decode(ids.tolist()).encode('utf-8'))
+    return n_bytes / n_targets
 
-    res = {'checkpoint': cfg['ckpt'], **held_out_losses(model, dataset, cfg['n_batches'], ts)}
+
+def scores(cfg, model, tok, encoder, tcfg, ts):
+    """Every number of the report, as one dict."""
+    dataset = make_dataset(tcfg, tok, encoder, None, tcfg['seed'])
+    losses = held_out_losses(model, dataset, cfg['n_batches'], t_grid=ts)
+    res = {'checkpoint': cfg['ckpt'], 'text_ppl': losses['val_text_ppl'],
+           'caption_ppl': float(np.exp(losses['val_caption_loss'])),
+           'text_loss_per_byte': losses['val_text_loss'] / text_bytes_per_token(dataset, tok, cfg['n_batches']),
+           **{f'diffusion_loss_t{t:g}': losses[f'val_flow_t{t:g}_loss'] for t in ts}}
+    res['diffusion_loss_mean'] = float(np.mean([res[f'diffusion_loss_t{t:g}'] for t in ts]))
     for n_obj in (1, 2):
         for heldout in (False, True):
             key = f"gen_{n_obj}obj_{'heldout' if heldout else 'seen'}"
@@ -251,7 +259,7 @@ def main(argv):
                                            cfg['steps'], cfg['cfg_scale'], cfg['seed'])
     if model.cfg.ffn == 'moe':
         res['experts'] = expert_specialisation(model, dataset, cfg['n_batches'])
-    res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_questions'], cfg['seed'])
+    res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_per_cell'], cfg['seed'])
     if 'action' in data.parse_mixture(tcfg['mixture'])[0]:
         res['world_model'] = world_model_error(model, tok, encoder, cfg['n_rollouts'], cfg['context'],
                                                cfg['horizon'], cfg['steps'], cfg['seed'])
@@ -259,9 +267,13 @@ def main(argv):
                                    cfg['seed'])
     res['chance'] = {'color': 1 / len(world.COLORS), 'shape': 1 / len(world.SHAPES),
                      'position': 1 / len(world.PLACES), 'understanding': res['understanding']['chance']}
+    return res
 
+
+def print_report(res, model, tok, ts, cfg):
     print(f"\n{'metric':34s} {'value':>8s}   chance")
     print(f"{'text ppl (text documents)':34s} {res['text_ppl']:8.3f}   {tok.vocab_size} (uniform)")
+    print(f"{'text loss per byte (nats)':34s} {res['text_loss_per_byte']:8.4f}")
     print(f"{'text ppl (captions)':34s} {res['caption_ppl']:8.3f}   {tok.vocab_size} (uniform)")
     for t in ts:
         print(f"{f'diffusion loss at t={t:g}':34s} {res[f'diffusion_loss_t{t:g}']:8.4f}")
@@ -273,10 +285,10 @@ def main(argv):
     print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}   "
           f"{u['majority']:.3f} (best constant answer per kind)")
     for name, r in u['by_kind'].items():
+        cells = ' / '.join(f"{c['accuracy']:.2f}" for c in r['by_objects'].values())
         label = f"  {name} ({r['n']} questions)"
-        objects = ' / '.join(f'{a:.2f}' for a in r['by_objects'].values())
         print(f"{label:34s} {r['accuracy']:8.3f}   {r['chance']:.3f}   {r['majority']:.3f}   "
-              f"by objects {'/'.join(map(str, r['by_objects']))}: {objects}")
+              f"by 1/2/3 objects: {cells}")
     if 'world_model' in res:
         w, p = res['world_model'], res['planning']
         label = f"world model ATE, {cfg['horizon']}-step rollout (px)"
@@ -290,9 +302,17 @@ def main(argv):
               f"vision: S <= -0.5)\nlayer  text  vision  multimodal  dead")
         for i, row in enumerate(res['experts']):
             print(f"{i:5d} {row['n_text']:5d} {row['n_vision']:7d} {row['n_multimodal']:11d} {row['n_dead']:5d}")
+
+
+def main(argv):
+    cfg = configure(knobs(globals()), argv, __doc__)
+    ts = check_knobs(cfg)
+    model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))
+    res = scores(cfg, model, tok, encoder, tcfg, ts)
+    print_report(res, model, tok, ts, cfg)
     path = cfg['out'] or os.path.join(os.path.dirname(cfg['ckpt']) or '.', 'eval.json')
     with open(path, 'w') as f:
-        json.dump(res, f, indent=1)
+        json.dump(finite_or_null(res), f, indent=1)
     print(f"wrote {path}")
 
 

@@ -1,5 +1,5 @@
 """
-Rectified flow on continuous visual latents (the Transfusion side of the model, PAPER.md §4).
+Rectified flow on continuous visual latents (the Transfusion side of the model, docs/paper.md §4).
 
 THE CONVENTION, used everywhere in this repo (as in the paper):  t = 1 is CLEAN, t = 0 is pure noise.
 
@@ -9,7 +9,7 @@ THE CONVENTION, used everywhere in this repo (as in the paper):  t = 1 is CLEAN,
 Formulas taken from code that uses the other convention (RAE / SiT: u = 1 is noise) are converted with
 t = 1 - u. Context latents that the model should see clean carry t = 1.
 
-Two prediction targets (PAPER.md §4):
+Two prediction targets (docs/paper.md §4):
     v-pred: the network outputs v_pred, loss = mean (v_pred - (x0 - noise))^2
     x-pred: the network outputs x0_pred ("a la JiT"); we turn it into a velocity,
             v_pred = (x0_pred - z_t) / (1 - t), and take the same v-space MSE. 1 - t is clamped below at
@@ -29,7 +29,7 @@ T_EPS = 0.05  # clamp on 1 - t when turning an x-prediction into a velocity
 
 
 def shift_alpha(n_tokens, d_latent):
-    """The RAE dimension-dependent shift α = sqrt(N·d / 4096) (PAPER.md §4). α > 1 moves t toward noise."""
+    """The RAE dimension-dependent shift α = sqrt(N·d / 4096) (docs/paper.md §4). α > 1 moves t toward noise."""
     return math.sqrt(n_tokens * d_latent / 4096)
 
 
@@ -85,7 +85,7 @@ def euler_sample(velocity_fn, noise, steps, alpha, cfg_scale=1.0):
     """Integrate dz/dt = v from t = 0 (z = noise) to t = 1 with Euler steps on the shifted grid.
 
     velocity_fn(z, t, cond) -> v for cond in {True, False}; t is a python float. With cfg_scale != 1 it is
-    classifier-free guidance, v = v_u + s·(v_c - v_u) (PAPER.md §4, s = 3.0 in the paper).
+    classifier-free guidance, v = v_u + s·(v_c - v_u) (docs/paper.md §4, s = 3.0 in the paper).
     """
     ts = sampling_grid(steps, alpha).tolist()
     z = noise

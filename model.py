@@ -1,15 +1,15 @@
 """
 The interleaved decoder: one Llama-style transformer over text tokens and continuous visual latents
-(Transfusion recipe, PAPER.md §1-§5).
+(Transfusion recipe, docs/paper.md §1-§5).
 
     text token  -> token embedding
     latent slot -> linear in-projection of z_t  + learned slot position  + timestep embedding of its block's t
     all tokens  -> N x [RMSNorm -> attention (hybrid mask, RoPE, GQA) -> RMSNorm -> FFN (dense | per modality)]
     text        -> LM head -> next-token cross-entropy
     latent      -> linear out-projection -> v_pred (or x0_pred) -> flow-matching MSE (flow.py)
-    L = L_LM + flow_weight * L_flow,  flow_weight = 3 (PAPER.md §5)
+    L = L_LM + flow_weight * L_flow,  flow_weight = 3 (docs/paper.md §5)
 
-The hybrid mask, as one rule on two per-token ids (DESIGN.md "Mask as data"):
+The hybrid mask, as one rule on two per-token ids (docs/design.md "Mask as data"):
     query q may see key k  iff  doc[q] == doc[k]  and  (k <= q  or  (block[q] == block[k] >= 0))
 Text is causal; the latents of one image (or video frame) see each other both ways; images are causal in
 order; nothing crosses a document boundary. The same rule drives the SDPA boolean mask and flex's mask_mod.
@@ -20,11 +20,13 @@ text, so with one t per block no noise level leaks onto shared text. Context ima
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as flex
 
 import flow
 from moe import MoE
@@ -44,7 +46,6 @@ def dense_mask(doc, block):
 
 def flex_block_mask(doc, block):
     """The same rule as a flex_attention BlockMask (fully masked tiles are skipped by the kernel)."""
-    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q, k):
         same_block = (block[b, q] == block[b, k]) & (block[b, q] >= 0)
@@ -60,7 +61,6 @@ _compiled_flex = None
 def flex_attention(q, k, v, block_mask):
     """flex_attention, compiled on CUDA (its fast path); eager elsewhere (forward only on CPU)."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention as flex
     if q.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex, dynamic=False)
@@ -127,7 +127,7 @@ class SwiGLU(nn.Module):
 
 
 class ModalityFFN(nn.Module):
-    """A text FFN and a vision FFN; each token goes through its own modality's (PAPER.md §1: 2.3B total,
+    """A text FFN and a vision FFN; each token goes through its own modality's (docs/paper.md §1: 2.3B total,
     1.5B active). Boolean indexing keeps the compute at one FFN per token."""
 
     def __init__(self, d_model, d_ff):
@@ -207,33 +207,50 @@ class KVCache:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 262      # byte tokenizer: 256 bytes + 6 specials
-    block_size: int = 256      # longest sequence (RoPE table size)
-    d_model: int = 256
-    n_layer: int = 6
-    n_head: int = 8
-    n_kv_head: int = 8         # < n_head: grouped-query attention
-    d_ff: int = 1024           # SwiGLU hidden size (the paper: 4 x d_model = 8192)
-    ffn: str = 'modality'      # dense | modality | moe
-    moe_experts: int = 16      # routed experts E
-    moe_top_k: int = 4         # active experts per token, the shared one included
-    moe_d_expert: int = 0      # expert hidden size; 0 = d_ff / moe_top_k (active FFN compute = dense)
-    moe_shared: str = 'modality'  # none | global | modality (PAPER.md Table 2)
-    moe_balance: float = 0.01  # Switch load-balancing loss coefficient
-    moe_z: float = 1e-3        # router z-loss coefficient
-    moe_dispatch: str = 'auto'  # auto | grouped | loop
-    d_latent: int = 48         # encoder latent dim
-    n_latent: int = 64         # latent tokens per visual block
-    flow_target: str = 'v'     # v | x (PAPER.md §4)
-    flow_weight: float = 3.0   # lambda in L = L_LM + lambda * L_flow
-    shift: float = 0.0         # noise shift alpha; 0 = the RAE formula sqrt(N*d/4096)
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
+    """The network. Its defaults are the CPU default run's; every field but the four shapes below is a knob of
+    train.py (KNOBS), and a checkpoint stores the whole config."""
+    vocab_size: int = 532      # shape: the tokenizer's (+ padding: data.py's vocab_size knob)
+    block_size: int = 256      # shape: longest sequence (RoPE table size) = data.py's block_size
+    d_latent: int = 64         # shape: the encoder's latent dim
+    n_latent: int = 64         # shape: latent tokens per visual block
+    d_model: int = 256         # width (the paper: 2048)
+    n_layer: int = 6           # transformer blocks (the paper: 16)
+    n_head: int = 8            # query heads
+    n_kv_head: int = 4         # key/value heads; < n_head: grouped-query attention
+    d_ff: int = 768            # SwiGLU hidden size (the paper: 4 x d_model = 8192)
+    ffn: str = 'modality'      # dense | modality (a text and a vision FFN, the paper's) | moe
+    moe_experts: int = 16      # moe: routed experts E
+    moe_top_k: int = 4         # moe: active experts per token, the shared one included
+    moe_d_expert: int = 0      # moe: expert hidden size; 0 = d_ff / moe_top_k (active FFN compute = dense)
+    moe_shared: str = 'modality'  # moe: shared experts none | global | modality (docs/paper.md §6, Table 2)
+    moe_balance: float = 0.01  # moe: Switch load-balancing loss coefficient
+    moe_z: float = 1e-3        # moe: router z-loss coefficient
+    moe_dispatch: str = 'auto'  # moe: auto | grouped | loop
+    flow_target: str = 'v'     # v | x: what the network predicts (docs/paper.md §4)
+    flow_weight: float = 3.0   # lambda in L = L_LM + lambda * L_flow (docs/paper.md §5)
+    shift: float = 3.0         # noise shift alpha; 0 = the RAE formula sqrt(N*d/4096) (README "noise shift")
+    rope_base: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5     # RMSNorm epsilon
     attn: str = 'auto'         # auto (flex to train on CUDA, SDPA elsewhere) | sdpa | flex
 
     def __post_init__(self):
+        sizes = ('vocab_size', 'block_size', 'd_latent', 'n_latent', 'd_model', 'n_layer', 'n_head', 'n_kv_head', 'd_ff',
+                 'moe_experts', 'moe_top_k')
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        routed = self.moe_top_k - (self.moe_shared != 'none')
         checks = [
             (self.ffn in ('dense', 'modality', 'moe'), f"ffn must be dense, modality or moe, got {self.ffn!r}"),
+            (self.moe_shared in ('none', 'global', 'modality'),
+             f"moe_shared must be none, global or modality, got {self.moe_shared!r}"),
+            (self.moe_dispatch in ('auto', 'grouped', 'loop'),
+             f"moe_dispatch must be auto, grouped or loop, got {self.moe_dispatch!r}"),
+            (self.ffn != 'moe' or 1 <= routed <= self.moe_experts,
+             f"moe_top_k={self.moe_top_k} with moe_shared={self.moe_shared!r} leaves {routed} routed experts "
+             f"of moe_experts={self.moe_experts}"),
+            (self.moe_d_expert >= 0 and self.shift >= 0 and self.flow_weight >= 0,
+             "moe_d_expert, shift and flow_weight must not be negative"),
             (self.flow_target in ('v', 'x'), f"flow_target must be 'v' or 'x', got {self.flow_target!r}"),
             (self.attn in ('auto', 'sdpa', 'flex'), f"attn must be auto, sdpa or flex, got {self.attn!r}"),
             (self.d_model % self.n_head == 0, f"d_model {self.d_model} is not divisible by n_head {self.n_head}"),
@@ -247,6 +264,10 @@ class ModelConfig:
     @property
     def alpha(self):
         return self.shift if self.shift > 0 else flow.shift_alpha(self.n_latent, self.d_latent)
+
+
+SHAPES = ('vocab_size', 'block_size', 'd_latent', 'n_latent')  # set from the data and the encoder, not knobs
+KNOBS = {f.name: f.default for f in fields(ModelConfig) if f.name not in SHAPES}
 
 
 @torch.compiler.disable  # the draw's shape is data (the block count): compiled, it failed on the second batch
@@ -273,7 +294,7 @@ class Transfusion(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)  # untied (PAPER.md §1)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)  # untied (docs/paper.md §1)
         self.lat_out = nn.Linear(d, cfg.d_latent)
         cos, sin = rope_tables(d // cfg.n_head, cfg.block_size, cfg.rope_base)
         self.register_buffer('rope_cos', cos, persistent=False)
@@ -294,9 +315,9 @@ class Transfusion(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def count_params(self):
-        """Total, and active per token: a token runs one of the two modality FFNs (PAPER.md §1), or its
+        """Total, and active per token: a token runs one of the two modality FFNs (docs/paper.md §1), or its
         shared expert and k routed experts of the MoE. 'paper_active' leaves out the MoE routers (33M at 1008
-        experts) and the latent adapters and timestep MLP (10M at d_model 2048): PAPER.md §1 derives the
+        experts) and the latent adapters and timestep MLP (10M at d_model 2048): docs/paper.md §1 derives the
         paper's 1.5B from embeddings + attention + one FFN per layer, for the dense and MoE models alike."""
         total = sum(p.numel() for p in self.parameters())
         idle = routers = 0
@@ -361,10 +382,3 @@ class Transfusion(nn.Module):
             metrics['aux_loss'] = aux_loss.detach()
             metrics['counts'] = torch.stack([a['counts'] for a in auxes])  # (layers, 2, E)
         return loss, metrics
-
-    def configure_optimizer(self, lr, weight_decay, betas, device_type):
-        """AdamW; matrices decay, vectors (norms, biases) and the latent slot positions do not."""
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and n != 'lat_pos']
-        no_decay = [p for n, p in self.named_parameters() if p.dim() < 2 or n == 'lat_pos']
-        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == 'cuda')

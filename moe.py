@@ -1,5 +1,5 @@
 """
-Fine-grained top-k Mixture-of-Experts with per-modality shared experts (PAPER.md §6 "MoE").
+Fine-grained top-k Mixture-of-Experts with per-modality shared experts (docs/paper.md §6 "MoE").
 
     router (fp32 linear) -> softmax over the E routed experts -> top-k -> gates renormalised over the chosen k
     + always-on shared expert(s): 'modality' = one text expert and one vision expert, each token runs its own
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 
 def expert_hidden(d_model, granularity):
-    """d_expert = 4 d_model / G (PAPER.md §6: G = 4 d_model / d_expert; G = 16 at d_model 2048 gives 512)."""
+    """d_expert = 4 d_model / G (docs/paper.md §6: G = 4 d_model / d_expert; G = 16 at d_model 2048 gives 512)."""
     if (4 * d_model) % granularity:
         raise ValueError(f"granularity {granularity} does not divide 4 * d_model = {4 * d_model}")
     return 4 * d_model // granularity
@@ -109,7 +109,7 @@ class MoE(nn.Module):
         scale independent of E and k. (Sigmoid scores pair with DeepSeek-V3's bias balancing, not built here.)
         With a single routed expert the renormalised gate would be identically 1 and the router would get no
         gradient from the task loss, so k = 1 keeps the raw probability as its gate, as Switch does."""
-        with torch.autocast(x_TD.device.type, enabled=False):  # routing decisions in fp32 (DESIGN.md)
+        with torch.autocast(x_TD.device.type, enabled=False):  # routing decisions in fp32 (docs/design.md)
             logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         probs_TE = logits_TE.softmax(-1)
         gate_TK, idx_TK = probs_TE.topk(self.k, dim=-1)
@@ -226,7 +226,7 @@ def naive_moe(moe, x, modality):
 
 def routing_stats(counts, top_k_routed):
     """Selection rates and modality specialisation from routing counts [M, E] summed over many batches
-    (PAPER.md §6 "Specialisation"; modality 0 = text, 1 = vision):
+    (docs/paper.md §6 "Specialisation"; modality 0 = text, 1 = vision):
 
         N_m = tokens of modality m = sum_i C_m^(i) / k      R_m^(i) = C_m^(i) / (N_m k)
         S_i = (R_text - R_image) / (R_text + R_image)  in [-1, 1]   (NaN for an expert nobody chose)

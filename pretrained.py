@@ -328,13 +328,38 @@ def check_state_dict(model, state, ignore=()):
 HF_BASE_URL = 'https://huggingface.co'
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stated_sha256(headers):
+    """The sha256 a server states for a file: Hugging Face sends it as the ETag of LFS files (X-Linked-Etag
+    behind a redirect); None when the tag is not a sha256."""
+    tag = headers.get('X-Linked-Etag') or headers.get('ETag') or ''
+    tag = tag.removeprefix('W/').strip('"').lower()
+    return tag if len(tag) == 64 and all(c in '0123456789abcdef' for c in tag) else None
+
+
 def hf_download(repo, filename, cache_dir='~/.cache/beyond-llms', base_url=None, sha256=None, timeout=30):
     """Fetch {base_url}/{repo}/resolve/main/{filename} into cache_dir/{owner--name}/ unless already there.
     Streams to a temp file in the same folder and renames it, so an interrupted download never leaves a
-    half file that a later run would take for the real one."""
+    half file that a later run would take for the real one. The download is checked against the size the
+    server states and against a sha256 (the caller's, else the server's when it states one); the verified
+    digest is kept beside the file (.sha256), and a cached file that no longer matches it (or the caller's
+    sha256) is fetched again, with a warning."""
     dest = Path(cache_dir).expanduser() / repo.replace('/', '--') / filename
+    sidecar = dest.with_name(dest.name + '.sha256')
     if dest.exists():
-        return dest
+        want = sha256 or (sidecar.read_text().strip() if sidecar.exists() else None)
+        if want is None or file_sha256(dest) == want.lower():
+            return dest
+        print(f"warning: the cached {dest} does not match its sha256 {want}: downloading it again",
+              file=sys.stderr)
+        dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     url = f"{(base_url or HF_BASE_URL).rstrip('/')}/{repo}/resolve/main/{filename}"
     fd, tmp = tempfile.mkstemp(prefix=filename + '.', suffix='.part', dir=dest.parent)
@@ -345,6 +370,7 @@ def hf_download(repo, filename, cache_dir='~/.cache/beyond-llms', base_url=None,
                 r.raise_for_status()
                 # with a Content-Encoding, Content-Length counts compressed bytes: then skip the size check
                 total = None if r.headers.get('Content-Encoding') else int(r.headers.get('Content-Length', 0)) or None
+                want = sha256 or stated_sha256(r.headers)
                 with tqdm(total=total, unit='B', unit_scale=True, desc=filename) as bar:
                     for chunk in r.iter_content(chunk_size=1 << 20):
                         f.write(chunk)
@@ -358,9 +384,10 @@ def hf_download(repo, filename, cache_dir='~/.cache/beyond-llms', base_url=None,
                                f"config.json and model.safetensors instead.") from None
         if total is not None and got != total:
             raise RuntimeError(f"downloading {url}: got {got} bytes, Content-Length said {total}")
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise RuntimeError(f"downloading {url}: sha256 is {digest.hexdigest()}, expected {sha256}")
+        if want is not None and digest.hexdigest() != want.lower():
+            raise RuntimeError(f"downloading {url}: sha256 is {digest.hexdigest()}, expected {want}")
         os.replace(tmp, dest)
+        sidecar.write_text(digest.hexdigest() + '\n')
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -407,7 +434,7 @@ def load_dinov2(path_or_repo, res=224, cache_dir='~/.cache/beyond-llms', base_ur
 
 
 # -----------------------------------------------------------------------------
-# SigLIP 2 vision tower (the paper's encoder, PAPER.md §6). Fixed-resolution SigLIP 2 checkpoints such as
+# SigLIP 2 vision tower (the paper's encoder, docs/paper.md §6). Fixed-resolution SigLIP 2 checkpoints such as
 # google/siglip2-so400m-patch14-224 use HF's `SiglipModel` layout; parameter names below follow its
 # `vision_model.*` keys, so only the text tower and the pooling head (which RAE does not use) are dropped.
 

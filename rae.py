@@ -1,7 +1,7 @@
 """
 Frozen visual encoders and the RAE: images -> latents [N_tokens, d_latent] -> images.
 
-A Representation Autoencoder (PAPER.md §6) is a frozen representation encoder plus a ViT pixel decoder trained
+A Representation Autoencoder (docs/paper.md §6) is a frozen representation encoder plus a ViT pixel decoder trained
 to invert it. Three encoders live behind one boundary:
     pixel   non-overlapping RGB patches (the paper's pixel baseline; decodes exactly, no decoder to train)
     vit     a small ViT pretrained here on world pictures by masked autoencoding (MAE): the offline default
@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,29 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import pretrained
 import world
+from configurator import configure, fail, remove_orphans, save_atomic, seed_of
 from pretrained import LatentNorm
-from train import save_atomic, seed_of
+
+# -----------------------------------------------------------------------------
+# knobs: which encoder, and how its RAE is built (train.py, bench.py and `python rae.py` read them)
+KNOBS = dict(
+    encoder='vit',           # pixel | vit | dinov2 | siglip2: the frozen encoder (built once into cache_dir)
+    encoder_path='',         # dinov2 / siglip2: a local folder (config.json + model.safetensors) or a HF repo id
+    cache_dir='cache',       # built RAEs and latent caches, shared by every run
+    image_size=32,           # pictures are image_size x image_size
+    patch_size=4,            # (32/4)^2 = 64 latent tokens per picture
+    rae_images=16384,        # pictures the MAE and the decoder train on (data.py's rae split)
+    rae_batch=64,            # pictures per MAE / decoder step
+    mae_steps=1000,          # vit encoder pretraining steps
+    decoder_steps=800,       # RAE decoder training steps
+    tau=0.8,                 # decoder noise augmentation sigma = tau * U(0, 1) (docs/paper.md §6)
+    feat_weight=0.1,         # feature loss weight (vit only: backpropagating through a big tower is slow)
+    gan_weight=0.0,          # adversarial loss weight (0 = off)
+    gan_start=600,           # decoder step the adversarial loss starts at
+)
+ENCODERS = ('pixel', 'vit', 'dinov2', 'siglip2')
 
 # -----------------------------------------------------------------------------
 # pixels: the paper's pixel baseline (non-overlapping RGB patches, 14x14x3 = 588-d at 224²)
@@ -214,8 +235,8 @@ def run_stage(name, path, modules, opts, steps, lr, step_fn, seed, save_every=20
     (seed, step) only, a checkpoint of modules + optimizers every save_every steps (temp file + rename), and
     resume from it. A finished stage leaves its checkpoint at step == steps, so a rerun skips it."""
     start = 0
-    if path.exists():
-        ck = torch.load(path, weights_only=True)
+    ck = load_or_none(path, f'{name} checkpoint') if path.exists() else None
+    if ck is not None:
         for m, sd in zip(modules + opts, ck['state']):
             m.load_state_dict(sd)
         start = ck['step']
@@ -273,7 +294,7 @@ def train_decoder(rae, latents, images, steps, batch_size, path, seed=0, lr=3e-3
     loss in the encoder's own space, our LPIPS stand-in; skipped with feat_weight=0, e.g. for big encoders
     on a CPU) + an optional hinge adversarial loss whose weight adapts to ||grad rec|| / ||grad adv|| at the
     decoder's last layer (as in RAE/VQGAN, capped at 1e4), from step gan_start.
-    Noise augmentation (PAPER.md §6: RAE's code, sigma = tau * U(0, 1) per picture): the decoder also learns
+    Noise augmentation (docs/paper.md §6: RAE's code, sigma = tau * U(0, 1) per picture): the decoder also learns
     to decode the slightly-off latents a diffusion model produces."""
     dec = rae.decoder
     n_feat = max(1, batch_size // 4)   # the feature loss backpropagates through the encoder: a quarter batch
@@ -318,39 +339,66 @@ def train_decoder(rae, latents, images, steps, batch_size, path, seed=0, lr=3e-3
 # -----------------------------------------------------------------------------
 # building an encoder from a config (or reusing it): shared by train.py, sample.py, eval.py and `python rae.py`
 
-encoder = 'vit'           # pixel | vit | dinov2 | siglip2
-encoder_path = ''         # dinov2 / siglip2: a local folder (config.json + model.safetensors) or a HF repo id
-cache_dir = 'cache'       # built RAEs and latent caches, reused by later runs
-image_size = 32
-patch_size = 4            # 4x4 patches: 64 latent tokens per picture
-n_images = 16384          # pictures the MAE and the decoder train on (data.py's rae split)
-mae_steps = 1000
-decoder_steps = 800
-batch = 64
-tau = 0.8                 # decoder noise augmentation (PAPER.md §6)
-feat_weight = 0.1         # feature loss weight (vit only: backpropagating through a big pretrained tower is slow)
-gan_weight = 0.0          # adversarial loss weight (0 = off)
-gan_start = 600
-report = False            # True: score pixel, vit (and dinov2 from ../shared) side by side -> docs/rae.json
+report = False            # python rae.py: score pixel, vit (and dinov2 from ../shared) side by side -> docs/rae.json
 DINOV2_LOCAL = Path(__file__).resolve().parent.parent / 'shared' / 'weights' / 'dinov2-vits14'
 RECIPE = 2                # bump when the building code changes what it builds: old cached RAEs are then rebuilt
-SETTINGS = {k: v for k, v in dict(globals()).items() if k in (
-    'encoder', 'encoder_path', 'cache_dir', 'image_size', 'patch_size', 'n_images', 'mae_steps', 'decoder_steps',
-    'batch', 'tau', 'feat_weight', 'gan_weight', 'gan_start')}
+
+
+def check_knobs(c):
+    """The encoder knobs' values, before anything is built: one sentence for the first bad one."""
+    if c['encoder'] not in ENCODERS:
+        fail(f"unknown encoder {c['encoder']!r}: pick {', '.join(ENCODERS)}")
+    if c['encoder'] in ('dinov2', 'siglip2') and not c['encoder_path']:
+        fail(f"encoder={c['encoder']} needs encoder_path: a local folder or a Hugging Face repo id "
+             f"(e.g. facebook/dinov2-small, google/siglip2-base-patch16-224)")
+    for k in ('image_size', 'patch_size', 'rae_images', 'rae_batch', 'decoder_steps'):
+        if c[k] < 1:
+            fail(f"{k} must be at least 1, got {c[k]}")
+    if c['image_size'] % c['patch_size']:
+        fail(f"image_size {c['image_size']} is not a multiple of patch_size {c['patch_size']}")
+    if c['mae_steps'] < 0 or c['tau'] < 0 or c['feat_weight'] < 0 or c['gan_weight'] < 0:
+        fail("mae_steps, tau, feat_weight and gan_weight must not be negative")
+
+
+def identity_knobs(c):
+    """The knobs that decide the encoder's weights, hence the latent space a model learns in (the decoder's
+    knobs are not among them: a new decoder reads the same latents)."""
+    extra = {'pixel': [], 'vit': ['mae_steps', 'rae_images', 'rae_batch']}.get(c['encoder'], ['encoder_path'])
+    return ['encoder', 'image_size', 'patch_size', *extra]
+
+
+def n_tokens(c):
+    """Latent tokens per picture, for any encoder: one per patch of the (image_size / patch_size)^2 grid."""
+    return (c['image_size'] // c['patch_size']) ** 2
+
+
+def load_or_none(path, what):
+    """torch.load a cache file; None (with a warning naming it, the file moved aside) if it does not load."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch raises several types
+        aside = path.with_name(path.name + '.corrupt')
+        os.replace(path, aside)
+        print(f"warning: {what} {path} does not load ({type(e).__name__}): moved to {aside.name}, rebuilding it",
+              file=sys.stderr)
+        return None
+
+
+def rae_key(c):
+    """The name of a built RAE in cache_dir: a hash of every knob that changes what gets built."""
+    unused = {'cache_dir'} | ({'encoder_path'} if c['encoder'] == 'vit' else {'mae_steps', 'feat_weight'})
+    key = json.dumps({'recipe': RECIPE, **{k: c[k] for k in KNOBS if k not in unused}}, sort_keys=True)
+    return f"rae-{c['encoder']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def build_encoder(cfg, fit=True):
-    """The encoder a config dict names (keys missing from cfg take rae.py's defaults), ready to use.
+    """The encoder a config dict names (keys missing from cfg take KNOBS' defaults), ready to use.
     fit=False: only the skeleton (a checkpoint will bring the weights). Otherwise the pixel encoder measures
     its normalisation, and an RAE is loaded from cache_dir, or built there: every stage checkpoints and
-    resumes, so a killed build continues where it stopped."""
-    c = {k: cfg.get(k, v) for k, v in SETTINGS.items()}
+    resumes, so a killed build continues where it stopped; a cached file that does not load is rebuilt."""
+    c = {k: cfg.get(k, v) for k, v in KNOBS.items()}
+    check_knobs(c)
     res, grid = c['image_size'], c['image_size'] // c['patch_size']
-    if c['encoder'] not in ('pixel', 'vit', 'dinov2', 'siglip2'):
-        raise ValueError(f"unknown encoder {c['encoder']!r}: pick pixel, vit, dinov2 or siglip2")
-    if c['encoder'] in ('dinov2', 'siglip2') and not c['encoder_path']:
-        raise ValueError(f"encoder={c['encoder']} needs encoder_path: a local folder or a Hugging Face repo id "
-                         f"(e.g. facebook/dinov2-small, google/siglip2-base-patch16-224)")
     if c['encoder'] == 'pixel':
         enc = PixelEncoder(res, c['patch_size'])
         if fit:
@@ -361,49 +409,46 @@ def build_encoder(cfg, fit=True):
         if c['encoder'] == 'vit':
             enc = VitEncoder(res, c['patch_size'])
         else:
-            import pretrained
             enc = (pretrained.load_dinov2(c['encoder_path'], res=14 * grid) if c['encoder'] == 'dinov2'
                    else pretrained.load_siglip2(c['encoder_path'], grid=grid))
         rae = RAE(enc, res)
     if not fit:
         return rae
-    unused = {'cache_dir'} | ({'encoder_path'} if c['encoder'] == 'vit' else {'mae_steps', 'feat_weight'})
-    keys = [k for k in SETTINGS if k not in unused]
-    key = json.dumps({'recipe': RECIPE, **{k: c[k] for k in keys}}, sort_keys=True)
-    key = hashlib.sha1(key.encode()).hexdigest()[:10]
-    folder = Path(c['cache_dir'])
-    path = folder / f"rae-{c['encoder']}-{key}.pt"
-    if path.exists():
-        rae.load_state_dict(torch.load(path, weights_only=True))
+    folder, name = Path(c['cache_dir']), rae_key(c)
+    path = folder / f"{name}.pt"
+    state = load_or_none(path, 'cached RAE') if path.exists() else None
+    if state is not None:
+        rae.load_state_dict(state)
         print(f"reusing the {c['encoder']} RAE {path}")
         return rae
     folder.mkdir(parents=True, exist_ok=True)
+    remove_orphans(folder, re.escape(name))
     print(f"building the {c['encoder']} RAE (saved to {path} and reused afterwards)")
-    images = data.world_images('rae', c['n_images'], res)
-    stage = lambda name: folder / f"rae-{c['encoder']}-{key}.{name}.pt"
+    images = data.world_images('rae', c['rae_images'], res)
+    stage = lambda stage_name: folder / f"{name}.{stage_name}.pt"
     with torch.random.fork_rng():
         torch.manual_seed(1337)      # the same settings build the same RAE, whoever asks (the default seed)
         if c['encoder'] == 'vit':
             enc.requires_grad_(True)
-            pretrain_mae(enc, images, c['mae_steps'], c['batch'], stage('mae'))
+            pretrain_mae(enc, images, c['mae_steps'], c['rae_batch'], stage('mae'))
         with torch.no_grad():
             enc.fit(data.image_tensor(images[:4096]))
-        latents = data.latent_cache(rae, 'rae', c['n_images'], folder)
-        train_decoder(rae, latents, images, c['decoder_steps'], c['batch'], stage('decoder'), tau=c['tau'],
+        latents = data.latent_cache(rae, 'rae', c['rae_images'], folder)
+        train_decoder(rae, latents, images, c['decoder_steps'], c['rae_batch'], stage('decoder'), tau=c['tau'],
                       feat_weight=c['feat_weight'] if c['encoder'] == 'vit' else 0.0,
                       gan_weight=c['gan_weight'], gan_start=c['gan_start'])
     save_atomic(rae.state_dict(), path)
-    for name in ('mae', 'decoder'):
-        stage(name).unlink(missing_ok=True)
+    for stage_name in ('mae', 'decoder'):
+        stage(stage_name).unlink(missing_ok=True)
     print(f"saved the {c['encoder']} RAE to {path}")
     return rae
 
 
 def check_width(d_model, enc):
-    """The RAE rule (PAPER.md §6): a transformer narrower than the latent cannot even fit one picture."""
+    """The RAE rule (docs/paper.md §6): a transformer narrower than the latent cannot even fit one picture."""
     if d_model < enc.d_latent:
         print(f"warning: d_model={d_model} is below the {enc.name} latent dimension {enc.d_latent}: the flow loss "
-              f"is bounded below by (d-w)/d = {(enc.d_latent - d_model) / enc.d_latent:.2f} (PAPER.md §6)",
+              f"is bounded below by (d-w)/d = {(enc.d_latent - d_model) / enc.d_latent:.2f} (docs/paper.md §6)",
               file=sys.stderr)
 
 
@@ -472,8 +517,12 @@ def score(enc, n_val=1024, n_probe=4096):
 
 
 def main(argv):
-    from train import configure
-    cfg = configure({**SETTINGS, 'report': report}, argv)
+    usage = """python rae.py [config.py] [--key=value ...]: build (or reuse) an RAE and score it;
+--report=True scores pixel, vit and dinov2 side by side into docs/rae.json."""
+    here = os.path.abspath(__file__)
+    cfg = configure({**KNOBS, 'report': report}, argv, usage,
+                    [('encoder (rae.py)', list(KNOBS), here), ('this script', ['report'], here)])
+    check_knobs(cfg)
     torch.set_num_threads(os.cpu_count() or 1)
     if not cfg['report']:
         res = score(build_encoder(cfg))
@@ -482,7 +531,7 @@ def main(argv):
     names = ['pixel', 'vit'] + (['dinov2'] if DINOV2_LOCAL.is_dir() else [])
     rows = []
     for name in names:
-        over = {'encoder': name, 'n_images': 4096, 'encoder_path': str(DINOV2_LOCAL)} if name == 'dinov2' \
+        over = {'encoder': name, 'rae_images': 4096, 'encoder_path': str(DINOV2_LOCAL)} if name == 'dinov2' \
             else {'encoder': name}
         rows.append(score(build_encoder({**cfg, **over})))
     print(f"{'encoder':8} {'N x d':>8} {'PSNR':>6} {'parsed':>7} {'probe':>6} {'enc/s':>7} {'dec/s':>7}")

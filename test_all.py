@@ -1,59 +1,34 @@
-"""The test suite: `python -m pytest -q test_all.py` (CPU, a few minutes on 2 cores)."""
+"""The spine of the test suite: the mask, flow, packing, the model, train.py, sampling, checkpoints and the
+scripts end to end. `python -m pytest -q` runs every test file (a few minutes on 2 CPU cores); add
+`-m "not slow"` for the quick loop. Shared helpers live in conftest.py; each other concern has its own file."""
 
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config
 
+import bench
 import data
+import eval as evaluation
 import flow
+import generate
+import model
+import pipeline
 import rae
-from model import ModelConfig, Transfusion, dense_mask, flex_block_mask
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# -----------------------------------------------------------------------------
-# helpers
-
-def random_docs(rng, n_latent, d_latent, n_docs):
-    """Random documents mixing text runs and visual blocks, with random latents."""
-    docs = []
-    for _ in range(n_docs):
-        segs = []
-        for _ in range(rng.integers(1, 4)):
-            if rng.random() < 0.5:
-                segs.append(''.join(rng.choice(list('abc xyz.')) for _ in range(rng.integers(1, 12))))
-            else:
-                segs.append(data.Visual(None, bool(rng.random() < 0.5), torch.randn(n_latent, d_latent)))
-        docs.append(segs)
-    return docs
-
-
-def random_batch(seed=0, B=3, T=64, n_latent=4, d_latent=6):
-    rng = np.random.default_rng(seed)
-    tok = data.Tokenizer()
-    rows = []
-    for _ in range(B):
-        row, used = [], 0
-        for d in random_docs(rng, n_latent, d_latent, 8):
-            n = data.doc_length(d, tok, n_latent)
-            if used + n <= T:
-                row.append(d)
-                used += n
-        rows.append(row)
-    return tok, rows, data.pack(rows, tok, T, d_latent)
-
-
-def tiny_config(**kw):
-    base = dict(vocab_size=262, block_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64,
-                d_latent=6, n_latent=4, attn='sdpa')
-    base.update(kw)
-    return ModelConfig(**base)
+import train
+from configurator import knobs
+from conftest import HERE, SMOKE, random_batch, run_script, run_train, tiny_config
+from model import ModalityFFN, ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask
+from world import Obj
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +64,6 @@ def test_flex_attention_forward_matches_sdpa_on_the_same_mask():
     _, _, b = random_batch(2, T=128)
     B, T = b.doc.shape
     q, k, v = torch.randn(B, 4, T, 8), torch.randn(B, 2, T, 8), torch.randn(B, 2, T, 8)
-    from model import flex_attention
     with torch.no_grad():
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(b.doc, b.block),
                                                                enable_gqa=True)
@@ -228,7 +202,6 @@ def test_bad_model_config_is_refused_with_a_clear_message():
 
 
 def test_modality_ffn_routes_each_token_through_its_own_ffn():
-    from model import ModalityFFN
     torch.manual_seed(0)
     f = ModalityFFN(8, 16)
     x = torch.randn(2, 5, 8)
@@ -252,8 +225,9 @@ def test_bf16_autocast_step_matches_fp32_for_every_ffn(ffn):
         loss, _ = m(b)
     loss.backward()
     assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
-               for p in m.parameters() if p.requires_grad and p.grad is not None)
+    for name, p in m.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.dtype == torch.float32 and p.grad.isfinite().all(), name
 
 
 @pytest.mark.parametrize('target', ['v', 'x'])
@@ -279,11 +253,7 @@ def test_tiny_model_overfits_one_batch_both_losses_fall(target):
 # -----------------------------------------------------------------------------
 # train.py: bad input is refused before any work starts
 
-def run_train(*args):
-    return subprocess.run([sys.executable, 'train.py', *args], cwd=HERE, capture_output=True, text=True,
-                          timeout=120)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize('args, words', [
     (['--no_such_key=1'], "unknown config key 'no_such_key'"),
     (['--max_iters=abc'], "config key 'max_iters' wants int"),
@@ -298,20 +268,30 @@ def test_train_refuses_bad_flags_with_one_clear_sentence(args, words):
 
 
 def test_config_default_file_states_the_train_defaults():
-    import train
+    defaults = {**pipeline.run_knobs(), **knobs(vars(train))}
     scope = {}
     exec(open(os.path.join(HERE, 'config', 'default.py')).read(), {}, scope)
     for key, value in scope.items():
-        assert getattr(train, key) == value, f"config/default.py says {key}={value!r}, train.py {getattr(train, key)!r}"
+        assert defaults[key] == value, f"config/default.py says {key}={value!r}, the default is {defaults[key]!r}"
+
+
+def test_each_knob_is_declared_once_and_train_py_sets_every_component_knob():
+    homes = {'data.py': data.KNOBS, 'model.py': model.KNOBS, 'rae.py': rae.KNOBS, 'train.py': knobs(vars(train)),
+             'bench.py': knobs(vars(bench))}
+    seen = {}
+    for home, keys in homes.items():
+        for k in keys:
+            assert k not in seen, f"{k} is declared in {seen[k]} and in {home}"
+            seen[k] = home
+    assert {'tau', 'feat_weight', 'gan_weight', 'gan_start', 'rae_images', 'n_images'} <= set(pipeline.run_knobs())
 
 
 def test_lr_warms_up_then_follows_a_cosine_to_min_lr_at_lr_decay_iters():
-    from train import lr_at
     cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_decay_iters=0)
-    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    assert train.lr_at(0, cfg) == pytest.approx(1e-4) and train.lr_at(9, cfg) == pytest.approx(1e-3)
+    assert train.lr_at(100, cfg) == pytest.approx(1e-4)
     cfg['lr_decay_iters'] = 200  # a run stopped at 100 of a 200-step schedule: 95 / 190 of the way down
-    assert lr_at(105, cfg) == pytest.approx(5.5e-4) and lr_at(100, cfg) > 5.5e-4
+    assert train.lr_at(105, cfg) == pytest.approx(5.5e-4) and train.lr_at(100, cfg) > 5.5e-4
 
 
 # -----------------------------------------------------------------------------
@@ -329,21 +309,20 @@ class ForceBOI(torch.nn.Module):
 
 
 def test_cached_and_uncached_sampling_give_the_same_tokens_and_latents():
-    import sample
     torch.manual_seed(0)
     tok = data.Tokenizer()
     m = Transfusion(tiny_config(block_size=128)).eval()
     torch.nn.init.normal_(m.lat_out.weight, std=0.5)  # a non-trivial velocity field
     prompt = ['a red', data.Visual(None, False, torch.randn(4, 6)), 'circle']
-    ids_c, _ = sample.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=True)
-    ids_u, _ = sample.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=False)
+    ids_c, _ = generate.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=True)
+    ids_u, _ = generate.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=False)
     assert ids_c.shape[1] > 3 and torch.equal(ids_c, ids_u)
-    z_c = sample.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=True)
-    z_u = sample.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=False)
+    z_c = generate.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=True)
+    z_u = generate.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=False)
     torch.testing.assert_close(z_c, z_u, atol=1e-4, rtol=1e-4)
     m.lm_head = ForceBOI(m.lm_head, tok.boi)  # interleaved: two generated images, each fed back as context
-    ids_c, imgs_c = sample.generate(m, tok, ['hi'], max_new_tokens=2, steps=3, use_cache=True)
-    ids_u, imgs_u = sample.generate(m, tok, ['hi'], max_new_tokens=2, steps=3, use_cache=False)
+    ids_c, imgs_c = generate.generate(m, tok, ['hi'], max_new_tokens=2, steps=3, use_cache=True)
+    ids_u, imgs_u = generate.generate(m, tok, ['hi'], max_new_tokens=2, steps=3, use_cache=False)
     assert len(imgs_c) == len(imgs_u) == 2 and torch.equal(ids_c, ids_u)
     for a, b in zip(imgs_c, imgs_u):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -353,18 +332,7 @@ def test_cached_and_uncached_sampling_give_the_same_tokens_and_latents():
 # -----------------------------------------------------------------------------
 # sample.py and eval.py from a real (tiny) checkpoint
 
-@pytest.fixture(scope='module')
-def tiny_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp('run')
-    r = run_train('config/smoke.py', '--max_iters=4', '--eval_interval=4', '--eval_batches=1', f'--out_dir={out}')
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out / 'ckpt.pt'
-
-
-def run_script(script, *args):
-    return subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
-
-
+@pytest.mark.slow
 def test_sample_answers_a_question_about_a_picture(tiny_ckpt):
     r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=i2t', '--max_new_tokens=4',
                    '--prompt=q: how many objects are there? a:')
@@ -372,8 +340,8 @@ def test_sample_answers_a_question_about_a_picture(tiny_ckpt):
     assert "[i2t] 'q: how many objects are there? a:' -> " in r.stdout and '(truth: ' in r.stdout
 
 
+@pytest.mark.slow
 def test_sample_writes_a_png_grid_that_reads_back(tiny_ckpt, tmp_path):
-    import imageio.v3 as iio
     r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=t2i', '--n=3', '--steps=2', f'--out_dir={tmp_path}',
                    '--prompt=a small red circle at the top left.')
     assert r.returncode == 0, r.stderr[-2000:]
@@ -381,8 +349,8 @@ def test_sample_writes_a_png_grid_that_reads_back(tiny_ckpt, tmp_path):
     assert img.shape == ((32 + 1) * 4 + 4, 3 * (32 + 1) * 4 + 4, 3) and img.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_sample_writes_a_rollout_gif_of_the_model_above_the_true_world(tiny_ckpt, tmp_path):
-    import imageio.v3 as iio
     r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=rollout', '--steps=2', f'--out_dir={tmp_path}',
                    '--actions=right x2, up; action: dx=-1, dy=+3')
     assert r.returncode == 0, r.stderr[-2000:]
@@ -390,31 +358,32 @@ def test_sample_writes_a_rollout_gif_of_the_model_above_the_true_world(tiny_ckpt
     assert frames.shape[:3] == (4 + 2, 2 * 32 * 4, 32 * 4)
 
 
+@pytest.mark.slow
 def test_eval_writes_every_score_with_its_chance_level(tiny_ckpt, tmp_path):
-    import json
     out = tmp_path / 'eval.json'
     r = run_script('eval.py', f'--ckpt={tiny_ckpt}', '--n_batches=1', '--n_prompts=2', '--steps=2',
-                   '--n_questions=3', f'--out={out}')
+                   '--n_per_cell=2', '--n_rollouts=2', '--n_plans=1', '--plan_steps=2', f'--out={out}')
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res['text_ppl'] > 1 and res['diffusion_loss_t0.5'] > 0
     assert set(res['gen_1obj_heldout']) == {'color', 'shape', 'position', 'object', 'count', 'scene'}
+    assert res['text_loss_per_byte'] > 0
     u = res['understanding']
-    assert 0 < u['chance'] < 1 and 0 <= u['accuracy'] <= 1
-    assert sum(k['n'] for k in u['by_kind'].values()) == 3  # every question counted under its kind
-    assert all(k['by_objects'] and set(k['by_objects']) <= {'1', '2', '3'} for k in u['by_kind'].values())
+    assert 0 < u['chance'] < 1 and 0 <= u['accuracy'] <= 1 and u['n'] == 7 * 3 * 2
+    # every (kind, object count) cell holds n_per_cell questions, and says how many
+    assert all(set(k['by_objects']) == {'1', '2', '3'} and all(c['n'] == 2 for c in k['by_objects'].values())
+               for k in u['by_kind'].values())
     # the best constant answer of a kind gets at least one of its questions right
     assert all(k['majority'] * k['n'] >= 1 for k in u['by_kind'].values()) and u['majority'] <= 1
+    assert res['world_model']['ate'] >= 0 and res['planning']['cem_position_error'] >= 0  # smoke trains on clips
 
 
 def test_scene_scores_count_each_attribute():
-    import eval as ev
-    from world import Obj
     true = (Obj(0, 'red', 'circle', 'small'), Obj(4, 'blue', 'square', 'large'))
     pred = (Obj(0, 'red', 'square', 'small'), Obj(8, 'blue', 'square', 'large'))
-    s = ev.score_scene(pred, true)
+    s = evaluation.score_scene(pred, true)
     assert s == {'color': 1.0, 'shape': 0.5, 'position': 0.5, 'object': 0.0, 'count': 1.0, 'scene': 0.0}
-    assert ev.score_scene(true, true)['scene'] == 1.0
+    assert evaluation.score_scene(true, true)['scene'] == 1.0
 
 
 @pytest.mark.parametrize('args, words', [
@@ -425,6 +394,7 @@ def test_scene_scores_count_each_attribute():
     (['--mode=rollout', '--actions=left; jump'], "cannot read the action 'jump'"),
     (['--mode=rollout', '--actions=left x90'], 'walk off the map'),
 ])
+@pytest.mark.slow
 def test_sample_refuses_bad_input_with_one_clear_sentence(tiny_ckpt, args, words):
     if not any(a.startswith('--ckpt') for a in args):
         args = [f'--ckpt={tiny_ckpt}', *args]
@@ -432,8 +402,8 @@ def test_sample_refuses_bad_input_with_one_clear_sentence(tiny_ckpt, args, words
     assert r.returncode != 0 and words in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_refuses_a_wrong_size_image_and_an_incompatible_checkpoint(tiny_ckpt, tmp_path):
-    import imageio.v3 as iio
     iio.imwrite(tmp_path / 'big.png', np.zeros((40, 40, 3), np.uint8))
     r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=i2t', f'--image={tmp_path / "big.png"}')
     assert r.returncode != 0 and 'is 40x40; this model reads 32x32' in r.stderr
@@ -447,16 +417,12 @@ def test_sample_refuses_a_wrong_size_image_and_an_incompatible_checkpoint(tiny_c
 # -----------------------------------------------------------------------------
 # reliability: exact resume, DDP, atomic checkpoints, SIGTERM
 
-SMOKE = ['config/smoke.py', '--eval_batches=1', '--log_interval=1']
-
-
 def final_state(out):
     return torch.load(out / 'ckpt.pt', weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path):
-    import signal
-    import time
     args = [*SMOKE, '--max_iters=16', '--eval_interval=4']
     assert run_train(*args, f'--out_dir={tmp_path / "a"}').returncode == 0
     b = tmp_path / 'b'
@@ -483,6 +449,7 @@ def torchrun(*args):
                            'train.py', *args], cwd=HERE, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, mode):
     """DDP (and FSDP2, which also has to gather a full checkpoint and resume from one) on 2 processes x 1
@@ -500,18 +467,16 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, mo
         assert s1['step'] == s2['step'] == max_iters
         for k in s1['model']:
             torch.testing.assert_close(s1['model'][k], s2['model'][k], atol=2e-6, rtol=1e-5)
-    import json
     log1 = [json.loads(line) for line in open(one / 'log.jsonl') if '"loss"' in line]
     log2 = [json.loads(line) for line in open(two / 'log.jsonl') if '"loss"' in line]
     assert [round(e['loss'], 4) for e in log1] == [round(e['loss'], 4) for e in log2]
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
-    import train
     m = Transfusion(tiny_config())
     opt = torch.optim.AdamW(m.parameters())
     path = str(tmp_path / 'ckpt.pt')
-    train.save_checkpoint(path, m, opt, {'a': 1}, 5, {})
+    pipeline.save_checkpoint(path, m, opt, {'a': 1}, 5, {})
 
     def dying_save(obj, f):
         with open(f, 'wb') as fh:
@@ -520,13 +485,12 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
 
     monkeypatch.setattr(torch, 'save', dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, m, opt, {'a': 1}, 6, {})
+        pipeline.save_checkpoint(path, m, opt, {'a': 1}, 6, {})
     assert torch.load(path, weights_only=True)['step'] == 5
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    import signal
-    import time
     out = tmp_path / 'run'
     p = subprocess.Popen([sys.executable, 'train.py', *SMOKE, '--max_iters=100000', '--eval_interval=100000',
                           f'--out_dir={out}'], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -539,11 +503,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert 0 < final_state(out)['step'] < 100000
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
     r = run_train(*SMOKE, '--max_iters=5', '--learning_rate=1e30', '--min_lr=1e30', f'--out_dir={tmp_path}')
     assert r.returncode != 0 and 'at step' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config, total', [('paper_modality', 2.30), ('paper_moe256', 13.5), ('paper_moe1008', 51.5)])
 def test_paper_scale_configs_report_their_parameters_without_allocating(config, total):
     """2.3B / 13.5B / 51.5B total, 1.5B active, +-2%. Active as the paper counts it (embeddings, attention,
@@ -558,11 +524,11 @@ def test_paper_scale_configs_report_their_parameters_without_allocating(config, 
     assert 0 < got_active - got_paper < 0.05  # routers + latent adapters: 10M to 43M
 
 
+@pytest.mark.slow
 def test_compiled_and_eager_losses_agree(monkeypatch):
     """torch.compile must not change the numbers (stated tolerance: 1e-4 absolute on a loss of ~8), on batches
     with different numbers of pictures (it crashed on the second one before frame_times left the graph).
     Inductor draws its own random numbers unless told to fall back to eager's, which the comparison needs."""
-    import torch._inductor.config
     monkeypatch.setattr(torch._inductor.config, 'fallback_random', True)
     torch.manual_seed(0)
     m = Transfusion(tiny_config(block_size=128))

@@ -5,10 +5,13 @@ Skipped, with the reason shown, on machines without a GPU (CI); run on one with 
 import pytest
 import torch
 
+import generate
+from conftest import make_moe as make
+from conftest import moe_inputs as inputs
+from conftest import random_batch, tiny_config, value_and_grads
 from model import Transfusion
 from moe import naive_moe
-from test_all import random_batch, tiny_config
-from test_moe import inputs, make, value_and_grads
+from optim import configure_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device: these compare CUDA paths')
 cuda = torch.device('cuda')
@@ -61,18 +64,17 @@ def test_grouped_moe_dispatch_matches_the_reference_in_bf16_on_cuda(shared):
 
 def test_cached_and_uncached_sampling_agree_on_cuda():
     import data
-    import sample
     torch.manual_seed(0)
     tok = data.Tokenizer()
     m = Transfusion(cuda_config()).to(cuda).eval()
     torch.nn.init.normal_(m.lat_out.weight, std=0.5)
-    ids_c, _ = sample.generate(m, tok, ['a red circle'], B=2, max_new_tokens=12, temperature=1.0, seed=3,
+    ids_c, _ = generate.generate(m, tok, ['a red circle'], B=2, max_new_tokens=12, temperature=1.0, seed=3,
                                use_cache=True)
-    ids_u, _ = sample.generate(m, tok, ['a red circle'], B=2, max_new_tokens=12, temperature=1.0, seed=3,
+    ids_u, _ = generate.generate(m, tok, ['a red circle'], B=2, max_new_tokens=12, temperature=1.0, seed=3,
                                use_cache=False)
     assert torch.equal(ids_c, ids_u)
-    z_c = sample.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=True)
-    z_u = sample.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=False)
+    z_c = generate.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=True)
+    z_u = generate.text_to_image(m, tok, 'a red circle', B=2, steps=5, seed=1, use_cache=False)
     assert z_c.is_cuda
     torch.testing.assert_close(z_c, z_u, atol=1e-4, rtol=1e-4)
 
@@ -90,7 +92,7 @@ def test_compiled_bf16_flex_step_matches_eager_sdpa_fp32_on_cuda(monkeypatch):
     fast.load_state_dict(ref.state_dict())
     torch.manual_seed(1)
     loss_ref, _ = ref(b)
-    opt = fast.configure_optimizer(1e-3, 0.1, (0.9, 0.95), 'cuda')
+    opt = configure_optimizer(fast, 'adamw', 1e-3, 0.02, 0.1, (0.9, 0.95), 'cuda')
     torch.manual_seed(1)
     with torch.autocast('cuda', dtype=torch.bfloat16):
         loss, _ = torch.compile(fast)(b)

@@ -10,34 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import make_moe as make
+from conftest import moe_inputs as inputs
+from conftest import value_and_grads
 from moe import MoE, balance_loss, expert_hidden, naive_moe, routing_stats
 
 PATHS = ['grouped', 'loop']
 SHARED = ['none', 'global', 'modality']
-
-
-def make(shared, dispatch, E=8, top_k=3, D=16, Fh=8, seed=0):
-    """A small layer whose router has real preferences and never picks the last expert (so one slice is
-    empty and the others are unequal)."""
-    torch.manual_seed(seed)
-    m = MoE(D, Fh, E, top_k, shared=shared, dispatch=dispatch)
-    with torch.no_grad():
-        m.router.weight.normal_(std=0.5)
-        m.router.weight[-1] = -1.0  # inputs below have mean +1: expert E-1 loses every token
-    return m
-
-
-def inputs(D=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(2, 13, D, generator=g) + 1.0).requires_grad_()
-    modality = torch.randint(0, 2, (2, 13), generator=g)
-    return x, modality
-
-
-def value_and_grads(fn, m, x, g):
-    y = fn()
-    params = [x, *m.parameters()]
-    return y, torch.autograd.grad((y.float() * g).sum(), params, allow_unused=True)
 
 
 @pytest.mark.parametrize('shared', SHARED)
@@ -201,7 +180,7 @@ def test_expert_hidden_from_granularity():
         expert_hidden(100, 3)
 
 
-# the paper's shapes (PAPER.md §1): d_model 2048, 16 layers, 128,256-token untied embeddings, GQA 32 q / 8 kv
+# the paper's shapes (docs/paper.md §1): d_model 2048, 16 layers, 128,256-token untied embeddings, GQA 32 q / 8 kv
 # heads of 64; experts of hidden 512 (G = 16), 16 active per token
 D, L, VOCAB = 2048, 16, 128256
 NON_FFN = 2 * VOCAB * D + L * (D * D * 2 + 2 * D * 512)  # embeddings + attention (q, o; k, v) = 693.1M

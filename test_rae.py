@@ -164,7 +164,8 @@ def test_download_fills_cache_then_loads_offline_and_unreachable_url_gives_one_c
         server.shutdown()
         server.server_close()
     assert any(p.endswith('/resolve/main/model.safetensors') for p in requested)
-    assert sorted(p.name for p in (cache / 'someone--tiny-dinov2').iterdir()) == ['config.json', 'model.safetensors']
+    assert sorted(p.name for p in (cache / 'someone--tiny-dinov2').iterdir()) == [
+        'config.json', 'config.json.sha256', 'model.safetensors', 'model.safetensors.sha256']
 
     # server gone: the second load must come from the cache alone
     second = pretrained.load_dinov2(repo, res=56, cache_dir=cache, base_url=url)
@@ -208,7 +209,7 @@ def test_encode_drops_cls_and_registers_and_fit_standardises_each_channel(tmp_pa
 # -----------------------------------------------------------------------------
 # rae.py: the in-repo vit encoder, the decoder stages, the latent cache
 
-TINY_RAE = dict(encoder='vit', n_images=96, mae_steps=3, decoder_steps=3, batch=8)
+TINY_RAE = dict(encoder='vit', rae_images=96, mae_steps=3, decoder_steps=3, rae_batch=8)
 
 
 def test_vit_rae_is_built_once_into_the_cache_then_reused(tmp_path, capsys):
@@ -317,10 +318,3 @@ def test_siglip_checkpoint_missing_a_vision_key_names_it(tmp_path):
     save_state(tmp_path / 'model.safetensors', state)
     with pytest.raises(ValueError, match="missing key 'vision_model.post_layernorm.bias'"):
         pretrained.load_siglip2(tmp_path, res=32)
-
-
-def test_rae_py_and_train_py_defaults_name_the_same_rae():
-    import train
-    for key, value in rae.SETTINGS.items():
-        if hasattr(train, key):
-            assert getattr(train, key) == value, f"rae.py says {key}={value!r}, train.py {getattr(train, key)!r}"

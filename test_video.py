@@ -175,7 +175,8 @@ def test_estimate_shift_sees_sub_pixel_and_blurred_motion():
         half = (m[y + dy:y + dy + 32, x + dx:x + dx + 32] + m[y + dy:y + dy + 32, x + dx + 1:x + dx + 33]) / 2
         sub.append(abs(video.estimate_shift(a, half)[0] - (dx + 0.5)))
         b = m[y + dy:y + dy + 32, x + dx:x + dx + 32]
-        b = np.stack([world.gaussian_blur(b[..., c], 0.8) for c in range(3)], -1)
+        g = world.blur_matrix(32, 0.8)  # a Gaussian blur of 0.8 px: G @ channel @ G.T
+        b = np.stack([g @ b[..., c] @ g.T for c in range(3)], -1)
         ex, ey = video.estimate_shift(a, np.clip(b + rng.normal(0, 4, b.shape), 0, 255))
         exact += (round(ex), round(ey)) == (dx, dy)
     assert np.mean(sub) < 0.25 and exact >= 0.9 * 160
@@ -229,7 +230,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import rae  # noqa: E402
-import sample  # noqa: E402
+import generate  # noqa: E402
 from model import ModelConfig, Transfusion, dense_mask, frame_times  # noqa: E402
 
 ENC = rae.PixelEncoder(32, 8).fit(torch.rand(8, 3, 32, 32))   # 16 tokens x 192 dims: small and fast
@@ -299,8 +300,8 @@ def test_rollouts_with_and_without_the_cache_agree():
     frames = torch.randn(2, 2, ENC.n_tokens, ENC.d_latent)
     acts = [video.format_action(1, -2), [video.format_action(0, 3), video.format_action(-4, 4)],
             video.format_action(2, 2)]
-    a = sample.rollout(model, tok, frames, acts, steps=3, use_cache=True)
-    b = sample.rollout(model, tok, frames, acts, steps=3, use_cache=False)
+    a = generate.rollout(model, tok, frames, acts, steps=3, use_cache=True)
+    b = generate.rollout(model, tok, frames, acts, steps=3, use_cache=False)
     assert a.shape == (2, 2, ENC.n_tokens, ENC.d_latent)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 

@@ -165,7 +165,3 @@ def test_text_documents_are_short_deterministic_and_varied():
     assert docs == [world.text_document(np.random.default_rng(i)) for i in range(500)]
     assert len(set(docs)) > 450
     assert not any(f"{c} {s}" in d for d in docs for c, s in world.HELDOUT_COMBOS)
-
-
-def test_chance_levels_match_the_vocabularies():
-    assert world.CHANCE == {'color': 1 / 6, 'shape': 1 / 3, 'place': 1 / 9, 'size': 1 / 2}

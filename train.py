@@ -4,126 +4,64 @@ Train the interleaved text + image model (nanoGPT style).
     python train.py                                  # the CPU default on the embedded world
     python train.py config/smoke.py                  # a config file ...
     python train.py config/smoke.py --max_iters=50   # ... and --key=value overrides (type-checked)
+    python train.py --help                           # every knob, its default and what it does
     torchrun --standalone --nproc_per_node=2 train.py  # DDP (gloo on CPU, nccl on CUDA)
 
-Every knob below is a module-level default. Unknown keys and values of the wrong type are refused before any
-work starts.
+The knobs are this file's (the optimiser, the schedule, the loop) and those of the components it builds:
+data.py (what the batches hold), model.py (the network), rae.py (the encoder). Every value is checked, and
+every check that needs no long work runs before any (pipeline.check): a mistake costs seconds, not an RAE build.
 """
 
-import ast
-import json
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
 
-import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import pipeline
+import rae
+from configurator import configure, fail, json_line, knobs, precision, resolve_device, seed_of
+from model import Transfusion
+from optim import configure_optimizer
 
 # -----------------------------------------------------------------------------
-# defaults: the CPU run on the embedded world (config/default.py says the same, for reference)
-out_dir = 'out'
+# knobs of the run (config/default.py writes out the default run, components' knobs included)
+out_dir = 'out'           # the checkpoint (ckpt.pt) and the log (log.jsonl)
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
-seed = 1337
-device = 'auto'           # auto | cpu | cuda
+seed = 1337               # weights, batches, t and noise all follow from it
+device = 'auto'           # auto | cpu | cuda | cuda:N
 dtype = 'auto'            # auto (bf16 on CUDA and CPUs with native bf16, else fp32) | float32 | bfloat16
-# data
-tokenizer = 'world'       # world (a BPE learnt from the world's text) | byte | a tiktoken encoding (gpt2)
-vocab_size = 0            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
-text_source = ''          # '' = the world's text documents; else a .txt path or http(s) URL of real text
-mixture = 'text=0.1,caption2image=0.45,image2caption=0.15,qa=0.3'   # + video, action; 'paper': §2.5
-video_frames = 5          # frames per video / action clip (each 64 latents + 2): must fit in block_size
-p_uncond = 0.1            # caption dropout for classifier-free guidance (PAPER.md §4)
-image_size = 32
-patch_size = 4            # (32/4)^2 = 64 latent tokens per picture
-encoder = 'vit'           # pixel | vit | dinov2 | siglip2: the frozen RAE encoder (rae.py; built once into cache_dir)
-encoder_path = ''         # dinov2 / siglip2: a local folder or a Hugging Face repo id
-cache_dir = 'cache'       # built RAEs and latent caches, shared by every run
-n_images = 16384          # training pictures, encoded once into the latent cache
-mae_steps = 1000          # vit encoder pretraining steps (rae.py)
-decoder_steps = 800       # RAE decoder training steps (rae.py)
-block_size = 256          # clips need 512 (config/world.py)
-batch_size = 16
-grad_accum = 1
-# model
-d_model = 256
-n_layer = 6
-n_head = 8
-n_kv_head = 4
-d_ff = 768
-ffn = 'modality'          # dense | modality | moe
-moe_experts = 16          # moe: routed experts
-moe_top_k = 4             # moe: active experts per token, shared included
-moe_d_expert = 0          # moe: expert hidden size (0 = d_ff / moe_top_k: active compute = dense)
-moe_shared = 'modality'   # moe: none | global | modality
-moe_balance = 0.01        # moe: load-balancing loss coefficient
-moe_z = 1e-3              # moe: router z-loss coefficient
-moe_dispatch = 'auto'     # moe: auto | grouped | loop
-flow_target = 'v'         # v | x
-flow_weight = 3.0
-shift = 3.0               # noise shift alpha; 0 = sqrt(N*d/4096) (= 0.87 for 64x48: see README)
-attn = 'auto'             # auto | sdpa | flex
-# optimiser (Transfusion's AdamW settings, PAPER.md §5)
-learning_rate = 1e-3
-min_lr = 1e-4
-warmup_iters = 50
-max_iters = 900
+grad_accum = 1            # micro-batches per step (each batch_size rows, per process)
+# optimiser (Transfusion's AdamW settings, docs/paper.md §5; optim.py)
+optimizer = 'adamw'       # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+learning_rate = 1e-3      # peak learning rate (AdamW)
+muon_lr = 0.02            # optimizer=muon: peak learning rate of the Muon matrices
+min_lr = 1e-4             # the cosine ends here
+warmup_iters = 50         # linear warmup steps
+max_iters = 900           # optimizer steps
 lr_decay_iters = 0        # 0 = max_iters; the cosine reaches min_lr here (larger: stop part-way down a longer schedule)
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
+weight_decay = 0.1        # AdamW weight decay on matrices
+beta1 = 0.9               # AdamW beta1
+beta2 = 0.95              # AdamW beta2
+grad_clip = 1.0           # clip the global gradient norm to this (0 = no clipping)
 # eval, logging, checkpoints
-eval_interval = 100
-eval_batches = 4
-log_interval = 10
-skip_nonfinite = False    # True: skip a step whose loss is NaN/inf instead of stopping
-compile = False
+eval_interval = 100       # held-out losses and a checkpoint every this many steps
+eval_batches = 4          # held-out batches per document kind
+log_interval = 10         # a log.jsonl line every this many steps
+skip_nonfinite = False    # True: skip a step whose loss or gradient is NaN/inf (nothing updates); else stop there
+compile = False           # torch.compile the model
 fsdp = False              # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
 meta = False              # True: build the model on the meta device, print its parameter counts, exit
 # -----------------------------------------------------------------------------
-
-
-def knobs(namespace):
-    """The config keys of a script: its module-level ints, floats, bools and strings."""
-    return {k: v for k, v in namespace.items() if isinstance(v, (int, float, bool, str)) and not k.startswith('_')}
-
-
-def configure(defaults, argv):
-    """nanoGPT's configurator, with errors instead of surprises: config files are python files that assign
-    known keys; --key=value is parsed as a python literal (or kept as a string) and must match the type."""
-    def set_key(key, value, where):
-        if key not in defaults:
-            raise SystemExit(f"error: unknown config key '{key}' ({where})")
-        old = defaults[key]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(old):
-            raise SystemExit(f"error: config key '{key}' wants {type(old).__name__}, got {value!r} ({where})")
-        defaults[key] = value
-
-    for arg in argv:
-        if arg.startswith('--'):
-            key, eq, val = arg[2:].partition('=')
-            if not eq:
-                raise SystemExit(f"error: flag {arg!r} must look like --key=value")
-            try:
-                value = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                value = val
-            set_key(key, value, arg)
-        else:
-            if not os.path.isfile(arg):
-                raise SystemExit(f"error: config file {arg!r} does not exist")
-            scope = {}
-            exec(open(arg).read(), {}, scope)
-            for key, value in scope.items():
-                if not key.startswith('_'):
-                    set_key(key, value, arg)
-    return defaults
+MAX_SKIPS = 10            # skip_nonfinite: this many skipped steps in a row stop the run (it will not recover)
 
 
 def lr_at(it, cfg):
@@ -135,171 +73,145 @@ def lr_at(it, cfg):
     return cfg['min_lr'] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 
-def build(cfg, fit=True):
-    """Tokenizer, encoder, real text and model config from a flat config dict (shared with sample/eval/bench).
-    fit=False skips measuring the encoder's normalisation (for a model built only to be counted)."""
-    import data
-    import rae
-    from model import ModelConfig
-    tok = data.get_tokenizer(cfg['tokenizer'])
-    encoder = rae.build_encoder(cfg, fit=fit)
-    rae.check_width(cfg['d_model'], encoder)
-    text = data.load_text(cfg['text_source']) if cfg['text_source'] else None
-    vocab = cfg['vocab_size'] or tok.vocab_size
-    if vocab < tok.vocab_size:
-        raise SystemExit(f"error: vocab_size={vocab} is smaller than the {cfg['tokenizer']} tokenizer's {tok.vocab_size}")
-    shapes = {'vocab_size': vocab, 'd_latent': encoder.d_latent, 'n_latent': encoder.n_tokens}
-    mcfg = ModelConfig(**{**{f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg}, **shapes})
-    return tok, encoder, text, mcfg
+def check_loop_knobs(cfg):
+    for k in ('max_iters', 'grad_accum', 'eval_interval', 'eval_batches', 'log_interval'):
+        if cfg[k] < 1:
+            fail(f"{k} must be at least 1, got {cfg[k]}")
+    if cfg['learning_rate'] <= 0 or cfg['min_lr'] < 0 or cfg['warmup_iters'] < 0 or cfg['lr_decay_iters'] < 0:
+        fail("learning_rate must be positive; min_lr, warmup_iters and lr_decay_iters not negative")
+    if cfg['grad_clip'] < 0 or cfg['weight_decay'] < 0 or not (0 <= cfg['beta1'] < 1 and 0 <= cfg['beta2'] < 1):
+        fail("grad_clip and weight_decay must not be negative, beta1 and beta2 must lie in [0, 1)")
+    if cfg['optimizer'] not in ('adamw', 'muon'):
+        fail(f"optimizer must be adamw or muon, got {cfg['optimizer']!r}")
+    if cfg['optimizer'] == 'muon' and (cfg['fsdp'] or cfg['muon_lr'] <= 0):
+        fail("optimizer=muon needs a positive muon_lr and whole matrices (not fsdp=True)")
+    if cfg['init_from'] not in ('scratch', 'resume'):
+        fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
 
 
-def native_bf16_cpu():
-    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Elsewhere bf16 matmuls are emulated and
-    slower than fp32. (torch.cpu's probes are private; a torch without them counts as no.)"""
-    probes = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+def setup_distributed(cfg):
+    """-> (ddp, rank, world size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
+    device = resolve_device(cfg['device'])
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 1, device
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cuda':
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        torch.cuda.set_device(device)
+    return True, int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 
 
-def precision(dtype, device):
-    """-> (dtype name, context to run the forward in): bf16 autocast (fp32 weights, optimizer and loss
-    reductions) or plain fp32. 'auto' = bf16 on CUDA and on CPUs with native bf16 (the default step's matmuls
-    are 60% of its time in fp32; bf16 halves them: README "Speed"), fp32 on other CPUs."""
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device.type == 'cuda' or native_bf16_cpu() else 'float32'
-    if dtype not in ('float32', 'bfloat16'):
-        raise SystemExit(f"error: dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return dtype, torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+def count_only(cfg, tok):
+    """--meta=True: paper-scale shapes counted without allocating a byte."""
+    encoder = rae.build_encoder(cfg, fit=False)
+    mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
+    with torch.device('meta'):
+        counts = Transfusion(mcfg).count_params()
+    print(f"{mcfg.ffn} model, d_model {mcfg.d_model} x {mcfg.n_layer} layers: {counts['total'] / 1e9:.3f}B "
+          f"parameters, {counts['active'] / 1e9:.3f}B active per token; {counts['paper_active'] / 1e9:.3f}B "
+          f"paper-active (without routers and latent adapters, as docs/paper.md §1 counts)")
 
 
-@torch.no_grad()
-def evaluate(model, dataset, n_batches, device, ctx):
-    """Held-out losses, each on its own document kind so the numbers do not depend on the mixture:
-    text perplexity on text documents, caption loss on image->caption, flow loss on caption->image.
-    Noise and t are drawn from a fixed seed, so evaluations at different steps are comparable."""
-    model.eval()
-    out = {}
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(0)
-        kinds = [('text', 'text=1', 'lm_loss'), ('caption', 'image2caption=1', 'lm_loss'),
-                 ('flow', 'caption2image=1', 'flow_loss')]
-        kinds += [(f'{k}_flow', f'{k}=1', 'flow_loss') for k in ('video', 'action') if k in dataset.kinds]
-        for name, kind, key in kinds:
-            losses = []
-            for i in range(n_batches):
-                batch = dataset.get('val', i, mixture=kind).to(device)
-                with ctx:
-                    _, m = model(batch)
-                losses.append(m[key].item())
-            out[f'val_{name}_loss'] = sum(losses) / len(losses)
-    out['val_text_ppl'] = math.exp(out['val_text_loss'])
-    model.train()
-    return out
-
-
-def seed_of(*ints):
-    """One 63-bit seed from several integers (seed, step, micro-batch): every step's randomness is a function
-    of where it is, so nothing but the step has to be saved to resume exactly."""
-    return int(np.random.SeedSequence(list(ints)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def save_checkpoint(path, raw_model, optimizer, cfg, step, extra, sharded=False):
-    """Everything needed to resume (the data position and all randomness follow from the step); written to a
-    temp file and renamed, so a crash during the write leaves the previous checkpoint intact. Call it on every
-    rank: FSDP gathers the full weights (a collective), and rank 0 writes."""
+def wrap(model, cfg, ddp, device):
+    """-> (model to call, sharded): FSDP2 (each block one unit of all-gather / reduce-scatter) or DDP under
+    torchrun, compiled if asked. FSDP shards in place, before the optimizer sees the parameters."""
+    sharded = ddp and cfg['fsdp']
     if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        model_sd, optim_sd = get_state_dict(raw_model, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        for blk in model.blocks:
+            fully_shard(blk)
+        fully_shard(model)
+    return model, sharded
+
+
+def load_state(model, optimizer, ck, sharded):
+    if sharded:
+        set_state_dict(model, optimizer, model_state_dict=ck['model'], optim_state_dict=ck['optimizer'],
+                       options=StateDictOptions(full_state_dict=True))
     else:
-        model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
-    if int(os.environ.get('RANK', 0)) != 0:
-        return
-    save_atomic({'model': model_sd, 'optimizer': optim_sd, 'config': cfg, 'model_config': asdict(raw_model.cfg),
-                 'step': step, **extra}, path)
+        model.load_state_dict(ck['model'])
+        optimizer.load_state_dict(ck['optimizer'])
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file, then rename: a crash mid-write leaves the previous file intact. The temp name
-    is per process, so runs sharing a cache_dir may build the same RAE at once."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def train_step(model, raw_model, optimizer, dataset, cfg, position, ddp, rank, world, sharded, ctx, device):
+    """One optimizer step at data position `position`: grad_accum micro-batches, the gradient norm, and the
+    update only if the loss and the gradient norm are finite on every rank (a skipped step changes nothing).
+    Returns (lm, flow, total losses as a tensor, MoE counts or 0, grad norm, whether it was applied)."""
+    sums = torch.zeros(3, device=device)  # lm, flow, total (micro-step averages)
+    counts = 0
+    for micro in range(cfg['grad_accum']):
+        # global micro-batch index: 1 process x grad_accum 2 reads the same data (and draws the same t and
+        # noise) as 2 processes x grad_accum 1, and a resumed run needs nothing but the position
+        g = micro * world + rank
+        torch.manual_seed(seed_of(cfg['seed'], position, g))
+        batch = dataset.get('train', position, g).to(device)
+        sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
+        if sharded:
+            raw_model.set_requires_gradient_sync(sync)
+        with (nullcontext() if sync or sharded else model.no_sync()), ctx:
+            loss, m = model(batch)
+            (loss / cfg['grad_accum']).backward()
+        sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
+        counts = counts + m.get('counts', 0)
+    if ddp:  # every rank sees the same averaged losses, so all take the same branch below
+        dist.all_reduce(sums, op=dist.ReduceOp.AVG)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or math.inf)
+    if hasattr(grad_norm, 'full_tensor'):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    ok = bool(torch.isfinite(sums[2]) & torch.isfinite(grad_norm))  # (the norm is over all-reduced grads)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, counts, grad_norm, ok
 
 
 def main(argv):
-    cfg = configure(knobs(globals()), argv)
-    from tqdm import tqdm
-    import data
-    from model import Transfusion
-
-    # distributed setup: torchrun sets RANK / WORLD_SIZE
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    if ddp:
-        import torch.distributed as dist
-        dist.init_process_group('nccl' if dev == 'cuda' else 'gloo')
-        if dev == 'cuda':
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(dev)
-    device = torch.device(dev)
+    defaults = {**pipeline.run_knobs(), **knobs(globals())}
+    sections = [('run (train.py)', list(knobs(globals())), __file__), *pipeline.help_sections()]
+    cfg = configure(defaults, argv, __doc__, sections)
+    check_loop_knobs(cfg)
+    tok, text = pipeline.check(cfg)
+    if cfg['meta']:
+        return count_only(cfg, tok)
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    ck = None
+    if cfg['init_from'] == 'resume':  # before any long work: is the checkpoint there, and this run's?
+        ck = pipeline.read_checkpoint(ckpt_path)
+        pipeline.check_resume(ck, cfg, ckpt_path)
+        if ck['step'] >= cfg['max_iters']:
+            fail(f"{ckpt_path} is already at step {ck['step']}, max_iters={cfg['max_iters']}: raise max_iters "
+                 f"to train further")
+    ddp, rank, world, device = setup_distributed(cfg)
     master = rank == 0
     dtype, ctx = precision(cfg['dtype'], device)
-
     torch.manual_seed(cfg['seed'])  # the same initial weights on every rank
     # bit-identical reruns and resumes on CPU: embedding / index_put backward otherwise sum in thread order
     torch.use_deterministic_algorithms(device.type == 'cpu')
-    if cfg['meta']:  # paper-scale shapes: count without allocating a byte
-        _, _, _, mcfg = build(cfg, fit=False)
-        with torch.device('meta'):
-            counts = Transfusion(mcfg).count_params()
-        print(f"{mcfg.ffn} model, d_model {mcfg.d_model} x {mcfg.n_layer} layers: {counts['total'] / 1e9:.3f}B "
-              f"parameters, {counts['active'] / 1e9:.3f}B active per token; {counts['paper_active'] / 1e9:.3f}B "
-              f"paper-active (without routers and latent adapters, as PAPER.md counts)")
-        return
+
     # rank 0 builds the RAE and the latent caches (or finds them in cache_dir, which multi-node runs must share
     # or prebuild with `python rae.py`); the other ranks wait, then read the same files
     if ddp and not master:
         dist.barrier()
-    tok, encoder, text, mcfg = build(cfg)
-    dataset = data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'],
-                             seed=cfg['seed'], p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
-                             cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'])
-    dataset.get('train', 0)  # fail on a bad mixture / block size before building anything big
-    dataset.get('val', 0)    # builds the held-out latent cache too, before the other ranks read it
+    encoder = rae.build_encoder(cfg)
+    rae.check_width(cfg['d_model'], encoder)
+    if ck is not None:
+        pipeline.check_same_encoder(ck, encoder, ckpt_path)
+    mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
+    dataset = pipeline.make_dataset(cfg, tok, encoder, text, cfg['seed'])
+    dataset.pool('train'), dataset.pool('val')  # build the latent caches before the other ranks read them
     if ddp and master:
         dist.barrier()
-    model = Transfusion(mcfg).to(device)
-    counts = model.count_params()
-    sharded = ddp and cfg['fsdp']
-    if sharded:  # FSDP2: each block is one unit of all-gather / reduce-scatter; before the optimizer sees them
-        from torch.distributed.fsdp import fully_shard
-        for blk in model.blocks:
-            fully_shard(blk)
-        fully_shard(model)
-    optimizer = model.configure_optimizer(cfg['learning_rate'], cfg['weight_decay'],
-                                          (cfg['beta1'], cfg['beta2']), device.type)
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    step = 0
-    if cfg['init_from'] == 'resume':
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"error: init_from='resume' but there is no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-            set_state_dict(model, optimizer, model_state_dict=ckpt['model'], optim_state_dict=ckpt['optimizer'],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(ckpt['model'])
-            optimizer.load_state_dict(ckpt['optimizer'])
-        step = ckpt['step']
-    elif cfg['init_from'] != 'scratch':
-        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
-    raw_model = model
+    raw_model = Transfusion(mcfg).to(device)
+    counts = raw_model.count_params()
+    model, sharded = wrap(raw_model, cfg, ddp, device)
+    optimizer = configure_optimizer(raw_model, cfg['optimizer'], cfg['learning_rate'], cfg['muon_lr'],
+                                    cfg['weight_decay'], (cfg['beta1'], cfg['beta2']), device.type)
+    step, skipped = 0, 0  # optimizer steps taken; steps skipped (non-finite): the data position is their sum
+    if ck is not None:
+        load_state(raw_model, optimizer, ck, sharded)
+        step, skipped = ck['step'], ck.get('skipped', 0)
     if cfg['compile']:
         model = torch.compile(model)
     if ddp and not sharded:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     if master:
@@ -310,24 +222,27 @@ def main(argv):
 
     def log_line(entry):
         if master:
-            log.write(json.dumps(entry) + '\n')
+            log.write(json_line(entry) + '\n')
             log.flush()
+
+    def save():
+        pipeline.save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step,
+                                 {'encoder': encoder.state_dict(), 'skipped': skipped}, sharded)
 
     stop = []  # SIGTERM (a scheduler's preemption): finish the step, save, exit cleanly
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * world
     bar = tqdm(total=cfg['max_iters'], initial=step, disable=not master, dynamic_ncols=True)
-    t_train, n_timed, grad_norm = 0.0, 0, torch.zeros(())
+    t_train, n_timed, in_a_row = 0.0, 0, 0
     while True:
         last = step == cfg['max_iters']
-        if step % cfg['eval_interval'] == 0 or last:
-            res = evaluate(raw_model, dataset, cfg['eval_batches'], device, ctx)
+        if (step % cfg['eval_interval'] == 0 and in_a_row == 0) or last:
+            res = pipeline.held_out_losses(raw_model, dataset, cfg['eval_batches'], ctx)
             if master:
                 tqdm.write(f"step {step}: " + ', '.join(f"{k} {v:.4f}" for k, v in res.items()))
             log_line({'step': step, **res})
             if step > 0:
-                save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()},
-                                sharded)
+                save()
         if last:
             break
 
@@ -336,36 +251,21 @@ def main(argv):
         t_step = time.time()
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
-            g['lr'] = lr
-        sums = torch.zeros(3, device=device)  # lm, flow, total (micro-step averages)
-        counts = 0
-        for micro in range(cfg['grad_accum']):
-            # global micro-batch index: 1 process x grad_accum 2 reads the same data (and draws the same t
-            # and noise) as 2 processes x grad_accum 1, and a resumed run needs nothing but the step
-            g = micro * world + rank
-            torch.manual_seed(seed_of(cfg['seed'], step, g))
-            batch = dataset.get('train', step, g).to(device)
-            sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
-            if sharded:
-                raw_model.set_requires_gradient_sync(sync)
-            with (nullcontext() if sync or sharded else model.no_sync()), ctx:
-                loss, m = model(batch)
-                (loss / cfg['grad_accum']).backward()
-            sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
-            counts = counts + m.get('counts', 0)
-        if ddp:  # every rank sees the same averaged losses, so all take the same branch below
-            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(sums[2]):
+            g['lr'] = lr * g.get('lr_scale', 1.0)  # (checkpoints from before optim.py have no lr_scale)
+        sums, moe_counts, grad_norm, ok = train_step(model, raw_model, optimizer, dataset, cfg, step + skipped,
+                                                     ddp, rank, world, sharded, ctx, device)
+        if not ok:
+            what = f"the loss is {sums[2].item()} and the gradient norm {grad_norm.item()} at step {step}"
             if not cfg['skip_nonfinite']:
-                raise SystemExit(f"error: the loss is {sums[2].item()} at step {step}; stopping "
-                                 f"(--skip_nonfinite=True skips such steps)")
-            tqdm.write(f"step {step}: loss is {sums[2].item()}, step skipped")
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-            if hasattr(grad_norm, 'full_tensor'):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                fail(f"{what}; stopping before the update (--skip_nonfinite=True skips such steps; the last "
+                     f"checkpoint is untouched)")
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            tqdm.write(f"{what}: step skipped, nothing updated ({in_a_row} in a row)")
+            if in_a_row >= MAX_SKIPS:
+                fail(f"{MAX_SKIPS} steps in a row were not finite (the last at step {step}); stopping, the last "
+                     f"checkpoint is untouched")
+            continue
+        in_a_row = 0
         step += 1
         bar.update(1)
         t_train, n_timed = t_train + time.time() - t_step, n_timed + 1
@@ -374,13 +274,13 @@ def main(argv):
             bar.set_postfix(loss=f"{total:.3f}", lm=f"{lm:.3f}", flow=f"{fl:.3f}")
             entry = {'step': step, 'loss': total, 'lm_loss': lm, 'flow_loss': fl, 'lr': lr,
                      'grad_norm': grad_norm.item(), 'tokens_per_s': tokens_per_step * n_timed / t_train}
-            if torch.is_tensor(counts):  # MoE load of this step, per layer: max expert load / mean (1 = even)
-                load = counts.sum(1).float()
+            if torch.is_tensor(moe_counts):  # MoE load of this step, per layer: max expert load / mean (1 = even)
+                load = moe_counts.sum(1).float()
                 entry['moe_max_load'] = (load.max(1).values / load.mean(1)).tolist()
                 entry['moe_dead'] = (load == 0).sum(1).tolist()
             log_line(entry)
         if stop:
-            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, {'encoder': encoder.state_dict()}, sharded)
+            save()
             if master:
                 tqdm.write(f"SIGTERM: saved step {step} to {ckpt_path}; resume with --init_from=resume")
             break

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.util import find_spec
 
+import imageio.v3 as iio
 import numpy as np
+from PIL import Image
 
 import world
 
@@ -212,6 +214,14 @@ def sample_trajectory(rng, map_id, n_frames=8, res=world.RES, max_step=MAX_STEP)
     return np.stack([view(m, px, py, res) for px, py in positions]), actions, positions
 
 
+def heldout_walk(rng, n_frames):
+    """A walk of n_frames over a random held-out map: (map id, frames, actions, positions), as
+    sample_trajectory returns them; what eval.py scores a world model on and sample.py shows."""
+    ids = map_ids('heldout')
+    map_id = ids[int(rng.integers(len(ids)))]
+    return (map_id, *sample_trajectory(rng, map_id, n_frames))
+
+
 # -----------------------------------------------------------------------------
 # actions as text: 'action: dx=+2, dy=-1' (the paper's format) or word commands 'right x2, up'
 
@@ -317,7 +327,6 @@ _STREAMS = ('.mp4', '.m4v', '.mov', '.avi', '.mkv', '.webm')  # need ffmpeg; eve
 def _square(frame, res):
     """Centre-crop to a square (keeps the aspect ratio) and box-average to res x res (PIL's BOX filter is
     an exact area average when shrinking)."""
-    from PIL import Image
     h, w = frame.shape[:2]
     s = min(h, w)
     frame = frame[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
@@ -330,7 +339,6 @@ def read_video(path, res=world.RES, fps=None):
     screen at times 0, 1/fps, 2/fps, ... (subsampling a faster clip). Without fps, a GIF frame shown k times
     as long as the shortest one counts k times: GIF writers (Pillow's included) merge identical consecutive
     frames into one longer frame, and this undoes that."""
-    import imageio.v3 as iio
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no video file at {path!r}")
@@ -371,7 +379,6 @@ def write_gif(path, frames, fps=4, scale=1):
     np.concatenate([predicted, truth], axis=1) puts the prediction above the ground truth. Each frame gets
     its own 256-colour palette by Pillow's max-coverage quantizer, undithered: measured on map views, the
     default median cut drops a small landmark's colour (errors up to 134 levels); this one errs by <= 9."""
-    from PIL import Image
     frames = np.asarray(frames)
     if np.issubdtype(frames.dtype, np.floating):
         frames = np.round(np.clip(frames, 0, 1) * 255)

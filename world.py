@@ -26,7 +26,6 @@ PLACES = ('top left', 'top', 'top right', 'left', 'center', 'right', 'bottom lef
 # a Latin square: each held-out colour and each held-out shape appears once, so every colour and every shape
 # keeps 2+ training partners
 HELDOUT_COMBOS = frozenset({('red', 'triangle'), ('green', 'circle'), ('blue', 'square')})
-CHANCE = {'color': 1 / len(COLORS), 'shape': 1 / len(SHAPES), 'place': 1 / len(PLACES), 'size': 1 / len(SIZES)}
 
 BACKGROUND = (16, 16, 16)
 # half-extent of a shape and the jitter of its centre, as fractions of a grid cell (at res 32: 6.4 and 9 px
@@ -130,11 +129,6 @@ def blur_matrix(n, sigma):
     d = np.arange(n)[:, None] - np.arange(n)[None, :]
     g = np.exp(-d * d / (2 * sigma * sigma))
     return (g / g.sum(1, keepdims=True)).astype(np.float32)
-
-
-def gaussian_blur(x, sigma):
-    """Gaussian blur of a 2-D array."""
-    return blur_matrix(x.shape[0], sigma) @ np.asarray(x, np.float32) @ blur_matrix(x.shape[1], sigma).T
 
 
 def components(mask, cells):
@@ -263,11 +257,16 @@ def caption(scene, rng):
     return 'a picture of ' + ', '.join(f"a {o.size} {o.shape} in {o.color} at {where(o)}" for o in objs) + '.'
 
 
-def question_answer(scene, rng):
+QUESTION_KINDS = ('color', 'shape', 'place', 'count', 'size', 'is there', 'anything at')
+
+
+def question_answer(scene, rng, kind=None):
     """A question about the scene and its short answer: a colour, shape, place, size, 'yes'/'no' or a count
-    '1'-'3'. Objects are named by place or by colour and shape, both unique within a scene."""
+    '1'-'3'. Objects are named by place or by colour and shape, both unique within a scene. kind: one of
+    QUESTION_KINDS (in that order: what color is the object at P, what shape is at P, where is the C S, how
+    many, what size is the C S, is there a C S, is there anything at P), or None for a uniform draw."""
     o = scene[int(rng.integers(len(scene)))]
-    k = int(rng.integers(7))
+    k = int(rng.integers(7)) if kind is None else QUESTION_KINDS.index(kind)
     if k == 0:
         return f"what color is the object at {where(o)}?", o.color
     if k == 1:

@@ -1,4 +1,4 @@
-# The paper's backbone (PAPER.md §1): d_model 2048 x 16 layers, 32 query / 8 KV heads, SwiGLU 8192, a text and a
+# The paper's backbone (docs/paper.md §1): d_model 2048 x 16 layers, 32 query / 8 KV heads, SwiGLU 8192, a text and a
 # vision FFN per block (2.3B total, 1.5B active), sequence 4096, LLaMA-3 vocabulary size, 256 tokens per image
 # (224² / 14² patches; the paper's SigLIP 2 latents are 1152-d, the pixel baseline here is 588-d).
 # Count it without allocating: python train.py config/paper_modality.py --meta=True

@@ -1,4 +1,4 @@
-# The paper's MoE (PAPER.md §6): G = 16, 256 experts of width 512 per layer, of which 2 are the per-modality
+# The paper's MoE (docs/paper.md §6): G = 16, 256 experts of width 512 per layer, of which 2 are the per-modality
 # shared experts (254 routed), 16 active (1 shared + 15 routed): 13.5B total, 1.5B active.
 exec(open('config/paper_modality.py').read())
 out_dir = 'out-paper-moe256'

@@ -1,4 +1,4 @@
-# Action-conditioned navigation clips added to the world mixture: the world model of PAPER.md §7. A clip is
+# Action-conditioned navigation clips added to the world mixture: the world model of docs/paper.md §7. A clip is
 # 5 frames (64 latents each) with 4 actions between them, ~400 tokens, hence rows of 512 (same tokens per step).
 # The mixture and steps are the README's world run (the default before the understanding-heavier mixture).
 # python train.py config/world.py && python eval.py --ckpt=out-world/ckpt.pt && python sample.py --ckpt=out-world/ckpt.pt --mode=rollout

@@ -1,0 +1,313 @@
+"""Faults a careful user hits: bad input refused in seconds with one sentence, runs that never save a broken
+model, resumes that check the checkpoint first, caches that heal, pictures of any bit depth, strict logs,
+verified downloads."""
+
+import http.server
+import json
+import os
+import threading
+import time
+from contextlib import nullcontext
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import pipeline
+import pretrained
+import rae
+import train
+from configurator import configure, json_line, remove_orphans
+from conftest import SMOKE, random_batch, run_script, run_train, tiny_config
+from model import Transfusion
+from optim import configure_optimizer
+
+
+def refused(r, words):
+    return r.returncode != 0 and words in r.stderr and 'Traceback' not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# non-finite steps never reach the weights or a checkpoint
+
+@pytest.mark.slow
+def test_skipping_nonfinite_steps_never_saves_a_broken_model_and_stops_after_a_run_of_skips(tmp_path):
+    # the issue's reproduction: a huge learning rate makes the loss finite but the gradient non-finite
+    run_train(*SMOKE, '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path}')
+    good = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    r = run_train(*SMOKE, '--max_iters=12', '--learning_rate=1e6', '--min_lr=1e5', '--warmup_iters=1',
+                  '--skip_nonfinite=True', '--eval_interval=1', '--init_from=resume', f'--out_dir={tmp_path}')
+    assert refused(r, 'steps in a row were not finite')
+    after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert all(v.isfinite().all() for v in after['model'].values() if v.is_floating_point())
+    assert after['step'] >= good['step']
+
+
+@pytest.mark.slow
+def test_a_nonfinite_step_stops_the_run_before_its_update(tmp_path):
+    r = run_train(*SMOKE, '--max_iters=8', '--learning_rate=1e6', '--min_lr=1e5', '--warmup_iters=1',
+                  f'--out_dir={tmp_path}')
+    assert refused(r, 'stopping before the update')
+    assert not (tmp_path / 'ckpt.pt').exists()   # nothing was saved, broken or not
+
+
+def test_a_skipped_step_updates_nothing():
+    torch.manual_seed(0)
+    m = Transfusion(tiny_config())
+    opt = configure_optimizer(m, 'adamw', 1e-3, 0.02, 0.1, (0.9, 0.95), 'cpu')
+
+    class Poisoned:  # step 1's batch has an infinite latent: a non-finite loss and gradient
+        def get(self, split, step, index=0, mixture=None):
+            b = random_batch(step)[2]
+            b.latents[b.modality == 1] = float('inf') if step == 1 else 0.0
+            return b
+
+    cfg = {'grad_accum': 1, 'seed': 0, 'grad_clip': 1.0}
+    step = lambda position: train.train_step(m, m, opt, Poisoned(), cfg, position, False, 0, 1, False,
+                                             nullcontext(), 'cpu')[-1]
+    assert step(0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    state = {k: v.clone() for k, v in opt.state_dict()['state'][0].items()}
+    assert not step(1)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in opt.state_dict()['state'][0].items())
+
+
+def test_a_model_with_nonfinite_weights_is_not_saved_over_a_good_checkpoint(tmp_path):
+    m = Transfusion(tiny_config())
+    opt = torch.optim.AdamW(m.parameters())
+    path = str(tmp_path / 'ckpt.pt')
+    pipeline.save_checkpoint(path, m, opt, {}, 5, {})
+    with torch.no_grad():
+        m.lm_head.weight[0, 0] = float('nan')
+    with pytest.raises(SystemExit, match='not finite at step 6'):
+        pipeline.save_checkpoint(path, m, opt, {}, 6, {})
+    assert torch.load(path, weights_only=True)['step'] == 5
+
+
+# -----------------------------------------------------------------------------
+# resume checks the checkpoint against the config before any long work
+
+@pytest.mark.slow
+def test_resume_refuses_another_model_shape_or_encoder_naming_the_knobs(tmp_path):
+    assert run_train(*SMOKE, '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path}').returncode == 0
+    r = run_train(*SMOKE, '--max_iters=4', '--init_from=resume', '--d_model=128', '--patch_size=8',
+                  f'--out_dir={tmp_path}')
+    assert refused(r, 'it was trained with d_model=64, patch_size=4, this run has d_model=128, patch_size=8')
+    r = run_train(*SMOKE, '--max_iters=2', '--init_from=resume', f'--out_dir={tmp_path}')
+    assert refused(r, 'already at step 2')
+
+
+def test_resume_allows_what_may_change_and_refuses_what_may_not():
+    cfg = {**pipeline.run_knobs(), 'optimizer': 'adamw'}
+    ck = {'config': dict(cfg)}
+    pipeline.check_resume(ck, {**cfg, 'learning_rate': 1.0, 'mixture': 'text=1', 'decoder_steps': 5}, 'x')
+    for key, value in (('n_layer', 3), ('tokenizer', 'byte'), ('mae_steps', 5), ('optimizer', 'muon')):
+        with pytest.raises(SystemExit, match=f'{key}='):
+            pipeline.check_resume(ck, {**cfg, key: value}, 'x')
+
+
+# -----------------------------------------------------------------------------
+# bad input: one sentence, before any long work
+
+@pytest.mark.slow
+def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
+    t0 = time.time()
+    r = run_train('--mixture=text=1,bogus=1', f'--cache_dir={tmp_path / "cache"}')
+    assert refused(r, "'bogus=1' names no document kind") and time.time() - t0 < 10
+    assert not (tmp_path / 'cache').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args, words', [
+    (['--block_size=64'], 'block_size=64 cannot hold a caption2image document'),
+    (['--batch_size=0'], 'batch_size must be at least 1'),
+    (['--max_iters=0'], 'max_iters must be at least 1'),
+    (['--device=tpu'], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (['--n_head=3'], 'd_model 256 is not divisible by n_head 3'),
+    (['--text_source=/no/such/file.txt'], 'cannot read text source /no/such/file.txt'),
+])
+def test_train_refuses_bad_values_in_seconds(tmp_path, args, words):
+    r = run_train(*args, f'--cache_dir={tmp_path}')
+    assert refused(r, words) and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('content, words', [(b'', 'is empty'), (b'\x00\x01\x02\xff', 'not UTF-8'),
+                                            (b'abc\x00def', 'NUL bytes')])
+def test_a_text_source_that_is_not_text_is_refused_naming_the_file(tmp_path, content, words):
+    path = tmp_path / 'corpus.txt'
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f'{path}.*{words}'):
+        data.load_text(str(path))
+
+
+def test_a_text_url_larger_than_the_cap_is_refused(tmp_path, monkeypatch):
+    (tmp_path / 'big.txt').write_text('word ' * 5000)
+    server = serve(tmp_path)
+    monkeypatch.setattr(data, 'TEXT_MAX_BYTES', 1000)
+    try:
+        with pytest.raises(ValueError, match='larger than'):
+            data.load_text(f'http://127.0.0.1:{server.server_address[1]}/big.txt')
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_config_file_with_a_syntax_error_names_its_line(tmp_path):
+    bad = tmp_path / 'bad.py'
+    bad.write_text("max_iters = 10\nlearning_rate = = 3\n")
+    with pytest.raises(SystemExit, match=f'config file {bad} has a syntax error on line 2'):
+        configure({'max_iters': 1, 'learning_rate': 1.0}, [str(bad)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script, args, words', [
+    ('sample.py', ['--steps=0'], 'steps, n and max_new_tokens must be at least 1'),
+    ('sample.py', ['--cfg_scale=-1'], 'must not be negative'),
+    ('eval.py', ['--n_batches=0'], 'n_batches must be at least 1'),
+    ('eval.py', ['--t_grid=0.5,1.5'], 'must lie in [0, 1)'),
+])
+def test_sample_and_eval_refuse_bad_values(tiny_ckpt, script, args, words):
+    assert refused(run_script(script, f'--ckpt={tiny_ckpt}', *args), words)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['train.py', 'eval.py', 'sample.py', 'bench.py', 'rae.py'])
+def test_every_script_answers_help_with_its_knobs(script):
+    r = run_script(script, '--help')
+    assert r.returncode == 0 and ('--seed=' in r.stdout or '--report=' in r.stdout)
+    if script == 'train.py':
+        assert "--learning_rate=0.001" in r.stdout and 'peak learning rate' in r.stdout and '--tau=0.8' in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# caches that heal
+
+def test_a_truncated_latent_cache_and_cached_rae_are_rebuilt_with_a_warning_naming_each(tmp_path, capsys):
+    cfg = {'encoder': 'vit', 'rae_images': 64, 'mae_steps': 2, 'decoder_steps': 2, 'rae_batch': 8,
+           'cache_dir': str(tmp_path)}
+    rae.build_encoder(cfg)
+    [built] = tmp_path.glob('rae-vit-*[0-9a-f].pt')
+    [latents] = tmp_path.glob('latents-vit-rae-*.npy')
+    for f in (built, latents):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    capsys.readouterr()
+    second = rae.build_encoder(cfg)
+    err = capsys.readouterr().err
+    assert f'cached RAE {built} does not load' in err and f'latent cache {latents} is unusable' in err
+    assert second.decode(second.encode(torch.rand(2, 3, 32, 32))).shape == (2, 3, 32, 32)
+    assert np.load(latents, mmap_mode='r').shape == (64, 64, 64)
+
+
+def test_a_latent_cache_of_the_wrong_shape_is_rebuilt(tmp_path, capsys):
+    enc = rae.PixelEncoder(32, 8).fit(torch.rand(4, 3, 32, 32))
+    good = np.array(data.latent_cache(enc, 'val', 8, tmp_path))  # a copy: the file is overwritten below
+    [path] = tmp_path.glob('latents-*.npy')
+    np.save(path, np.zeros((8, 3), np.float16))
+    again = data.latent_cache(enc, 'val', 8, tmp_path)
+    assert 'holds float16 (8, 3)' in capsys.readouterr().err
+    np.testing.assert_array_equal(again, good)
+
+
+def test_orphaned_temp_files_of_a_killed_build_are_removed_and_live_ones_kept(tmp_path):
+    dead_pid = 2 ** 22 + 12345   # above the default pid_max: no such process
+    orphan = tmp_path / f'latents-vit-train-16-abc.{dead_pid}.tmp.npy'
+    live = tmp_path / f'latents-vit-train-16-abc.{os.getpid()}.tmp.npy'
+    other = tmp_path / f'rae-vit-0123456789.{dead_pid}.tmp'
+    for f in (orphan, live, other):
+        f.write_bytes(b'x')
+    assert remove_orphans(tmp_path, 'latents-vit-train-16-abc') == [orphan.name]
+    assert live.exists() and other.exists() and not orphan.exists()
+
+
+# -----------------------------------------------------------------------------
+# pictures of any bit depth and mode, logs strict JSON, downloads verified
+
+@pytest.mark.parametrize('kind', ['gray16', 'gray8', 'palette', 'rgba', 'gray_alpha', 'rgb'])
+def test_one_routine_turns_any_picture_file_into_rgb8(tmp_path, kind):
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    gray = rgb[..., 0]
+    path = tmp_path / f'{kind}.png'
+    if kind == 'gray16':
+        iio.imwrite(path, gray.astype(np.uint16) * 257)     # 16-bit: 65535 is white
+        want = np.repeat(gray[..., None], 3, -1)
+    elif kind == 'gray8':
+        iio.imwrite(path, gray)
+        want = np.repeat(gray[..., None], 3, -1)
+    elif kind == 'palette':
+        img = Image.fromarray(rgb).quantize(256)
+        img.save(path)
+        want = np.asarray(img.convert('RGB'))
+    elif kind == 'rgba':
+        iio.imwrite(path, np.concatenate([rgb, np.full((8, 8, 1), 255, np.uint8)], -1))
+        want = rgb
+    elif kind == 'gray_alpha':
+        Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), 'LA').save(path)
+        want = np.repeat(gray[..., None], 3, -1)
+    else:
+        iio.imwrite(path, rgb)
+        want = rgb
+    got = data.to_rgb8(iio.imread(path))
+    assert got.dtype == np.uint8 and got.shape == (8, 8, 3)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_transparent_pixels_are_composited_over_black():
+    rgba = np.zeros((2, 2, 4), np.uint8) + 200
+    rgba[0, 0, 3] = 0
+    got = data.to_rgb8(rgba)
+    assert (got[0, 0] == 0).all() and (got[1, 1] == 157).all()   # 200 * 200/255
+
+
+def test_log_lines_are_strict_json_with_null_for_nonfinite_numbers():
+    line = json_line({'loss': float('nan'), 'grad_norm': float('inf'), 'load': [1.0, float('-inf')], 'step': 3})
+    assert json.loads(line) == {'loss': None, 'grad_norm': None, 'load': [1.0, None], 'step': 3}
+
+
+def serve(folder, headers=None):
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(folder), **kw)
+
+        def end_headers(self):
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            super().end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_downloads_are_checked_against_the_servers_sha256_and_a_corrupted_cache_is_fetched_again(tmp_path,
+                                                                                                  capsys):
+    www = tmp_path / 'www' / 'a' / 'b' / 'resolve' / 'main'
+    www.mkdir(parents=True)
+    (www / 'f.bin').write_bytes(b'payload' * 100)
+    cache = tmp_path / 'cache'
+    server = serve(tmp_path / 'www', {'X-Linked-Etag': '"' + '0' * 64 + '"'})
+    url = f'http://127.0.0.1:{server.server_address[1]}'
+    try:
+        with pytest.raises(RuntimeError, match='sha256 is'):   # the server's stated digest disagrees
+            pretrained.hf_download('a/b', 'f.bin', cache, url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    server = serve(tmp_path / 'www')
+    url = f'http://127.0.0.1:{server.server_address[1]}'
+    try:
+        path = pretrained.hf_download('a/b', 'f.bin', cache, url)
+        assert path.read_bytes() == b'payload' * 100
+        path.write_bytes(b'tampered')   # the cache no longer matches the digest kept beside it
+        path = pretrained.hf_download('a/b', 'f.bin', cache, url)
+        assert 'does not match its sha256' in capsys.readouterr().err
+        assert path.read_bytes() == b'payload' * 100
+    finally:
+        server.shutdown()
+        server.server_close()
