@@ -50,6 +50,8 @@ KNOBS = dict(
     cache_dir='cache',       # built RAEs and latent caches, shared by every run
     image_size=32,           # pictures are image_size x image_size
     patch_size=4,            # (32/4)^2 = 64 latent tokens per picture
+    vit_dim=64,              # vit: the encoder's width = the latent dims per token
+    decoder_dim=96,          # the pixel decoder's width (a 3-layer ViT)
     rae_images=16384,        # pictures the MAE and the decoder train on (data.py's rae split)
     rae_batch=64,            # pictures per MAE / decoder step
     mae_steps=1000,          # vit encoder pretraining steps
@@ -354,6 +356,9 @@ def check_knobs(c):
     for k in ('image_size', 'patch_size', 'rae_images', 'rae_batch', 'decoder_steps'):
         if c[k] < 1:
             fail(f"{k} must be at least 1, got {c[k]}")
+    if min(c['vit_dim'], c['decoder_dim']) < 4 or c['vit_dim'] % 4 or c['decoder_dim'] % 4:
+        fail(f"vit_dim and decoder_dim must be positive multiples of 4 (their 4 heads), got {c['vit_dim']}, "
+             f"{c['decoder_dim']}")
     if c['image_size'] % c['patch_size']:
         fail(f"image_size {c['image_size']} is not a multiple of patch_size {c['patch_size']}")
     if c['mae_steps'] < 0 or c['tau'] < 0 or c['feat_weight'] < 0 or c['gan_weight'] < 0:
@@ -363,7 +368,7 @@ def check_knobs(c):
 def identity_knobs(c):
     """The knobs that decide the encoder's weights, hence the latent space a model learns in (the decoder's
     knobs are not among them: a new decoder reads the same latents)."""
-    extra = {'pixel': [], 'vit': ['mae_steps', 'rae_images', 'rae_batch']}.get(c['encoder'], ['encoder_path'])
+    extra = {'pixel': [], 'vit': ['vit_dim', 'mae_steps', 'rae_images', 'rae_batch']}.get(c['encoder'], ['encoder_path'])
     return ['encoder', 'image_size', 'patch_size', *extra]
 
 
@@ -386,7 +391,7 @@ def load_or_none(path, what):
 
 def rae_key(c):
     """The name of a built RAE in cache_dir: a hash of every knob that changes what gets built."""
-    unused = {'cache_dir'} | ({'encoder_path'} if c['encoder'] == 'vit' else {'mae_steps', 'feat_weight'})
+    unused = {'cache_dir'} | ({'encoder_path'} if c['encoder'] == 'vit' else {'mae_steps', 'feat_weight', 'vit_dim'})
     key = json.dumps({'recipe': RECIPE, **{k: c[k] for k in KNOBS if k not in unused}}, sort_keys=True)
     return f"rae-{c['encoder']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
@@ -407,11 +412,11 @@ def build_encoder(cfg, fit=True):
     with torch.random.fork_rng():    # building must not move the caller's RNG (train.py seeds the model first)
         torch.manual_seed(0)
         if c['encoder'] == 'vit':
-            enc = VitEncoder(res, c['patch_size'])
+            enc = VitEncoder(res, c['patch_size'], d=c['vit_dim'])
         else:
             enc = (pretrained.load_dinov2(c['encoder_path'], res=14 * grid) if c['encoder'] == 'dinov2'
                    else pretrained.load_siglip2(c['encoder_path'], grid=grid))
-        rae = RAE(enc, res)
+        rae = RAE(enc, res, d=c['decoder_dim'])
     if not fit:
         return rae
     folder, name = Path(c['cache_dir']), rae_key(c)

@@ -287,11 +287,19 @@ def test_each_knob_is_declared_once_and_train_py_sets_every_component_knob():
 
 
 def test_lr_warms_up_then_follows_a_cosine_to_min_lr_at_lr_decay_iters():
-    cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_decay_iters=0)
+    cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_decay_iters=0, schedule='cosine')
     assert train.lr_at(0, cfg) == pytest.approx(1e-4) and train.lr_at(9, cfg) == pytest.approx(1e-3)
     assert train.lr_at(100, cfg) == pytest.approx(1e-4)
     cfg['lr_decay_iters'] = 200  # a run stopped at 100 of a 200-step schedule: 95 / 190 of the way down
     assert train.lr_at(105, cfg) == pytest.approx(5.5e-4) and train.lr_at(100, cfg) > 5.5e-4
+
+
+def test_wsd_holds_the_peak_then_cools_down_linearly_to_min_lr():
+    cfg = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, lr_decay_iters=0, schedule='wsd',
+               cooldown=0.5)
+    assert train.lr_at(10, cfg) == train.lr_at(60, cfg) == pytest.approx(1e-3)   # stable for half the steps
+    assert train.lr_at(85, cfg) == pytest.approx(5.5e-4)                          # half-way down the line
+    assert train.lr_at(110, cfg) == pytest.approx(1e-4)
 
 
 # -----------------------------------------------------------------------------

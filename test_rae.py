@@ -318,3 +318,19 @@ def test_siglip_checkpoint_missing_a_vision_key_names_it(tmp_path):
     save_state(tmp_path / 'model.safetensors', state)
     with pytest.raises(ValueError, match="missing key 'vision_model.post_layernorm.bias'"):
         pretrained.load_siglip2(tmp_path, res=32)
+
+
+def test_a_coarser_patch_and_other_widths_round_trip_through_the_rae_and_the_packing(tmp_path):
+    cfg = {**TINY_RAE, 'cache_dir': str(tmp_path), 'patch_size': 8, 'vit_dim': 32, 'decoder_dim': 48}
+    enc = rae.build_encoder(cfg)
+    assert (enc.n_tokens, enc.d_latent) == (16, 32) == (rae.n_tokens({**rae.KNOBS, **cfg}), cfg['vit_dim'])
+    x = torch.rand(3, 3, 32, 32)
+    assert enc.decode(enc.encode(x)).shape == (3, 3, 32, 32)
+    ds = data.WorldData(data.get_tokenizer('world'), enc, 128, 2, 'caption2image=1,qa=1', n_images=32,
+                        cache_dir=str(tmp_path))
+    b = ds.get('train', 0)
+    blocks = b.block[b.block >= 0]
+    assert (torch.bincount(blocks)[torch.bincount(blocks) > 0] % 16 == 0).all()   # 16 slots per picture
+    first = (b.block[0] == 0).nonzero().squeeze(1)
+    assert len(first) == 16 and b.latents.shape[-1] == 32
+    assert b.latents[b.modality == 1].abs().sum(-1).gt(0).all() and not b.latents[b.modality == 0].any()

@@ -47,7 +47,9 @@ muon_lr = 0.02            # optimizer=muon: peak learning rate of the Muon matri
 min_lr = 1e-4             # the cosine ends here
 warmup_iters = 50         # linear warmup steps
 max_iters = 900           # optimizer steps
-lr_decay_iters = 0        # 0 = max_iters; the cosine reaches min_lr here (larger: stop part-way down a longer schedule)
+lr_decay_iters = 0        # 0 = max_iters; the schedule reaches min_lr here (larger: stop part-way down a longer one)
+schedule = 'cosine'       # cosine (warmup, cosine decay) | wsd (warmup, stable, then a linear cooldown)
+cooldown = 0.4            # schedule=wsd: the share of the steps (after warmup) spent cooling down to min_lr
 weight_decay = 0.1        # AdamW weight decay on matrices
 beta1 = 0.9               # AdamW beta1
 beta2 = 0.95              # AdamW beta2
@@ -65,11 +67,15 @@ MAX_SKIPS = 10            # skip_nonfinite: this many skipped steps in a row sto
 
 
 def lr_at(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (0: max_iters)."""
+    """Linear warmup, then down to min_lr at lr_decay_iters (0: max_iters): a cosine, or (wsd) constant until
+    the last `cooldown` share of the steps and a straight line from there."""
     if it < cfg['warmup_iters']:
         return cfg['learning_rate'] * (it + 1) / cfg['warmup_iters']
     end = cfg['lr_decay_iters'] or cfg['max_iters']
     progress = min(1.0, (it - cfg['warmup_iters']) / max(1, end - cfg['warmup_iters']))
+    if cfg['schedule'] == 'wsd':
+        down = max(0.0, progress - (1 - cfg['cooldown'])) / cfg['cooldown']
+        return cfg['learning_rate'] - down * (cfg['learning_rate'] - cfg['min_lr'])
     return cfg['min_lr'] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 
@@ -85,6 +91,8 @@ def check_loop_knobs(cfg):
         fail(f"optimizer must be adamw or muon, got {cfg['optimizer']!r}")
     if cfg['optimizer'] == 'muon' and (cfg['fsdp'] or cfg['muon_lr'] <= 0):
         fail("optimizer=muon needs a positive muon_lr and whole matrices (not fsdp=True)")
+    if cfg['schedule'] not in ('cosine', 'wsd') or not 0 < cfg['cooldown'] <= 1:
+        fail(f"schedule must be cosine or wsd and cooldown in (0, 1], got {cfg['schedule']!r}, {cfg['cooldown']}")
     if cfg['init_from'] not in ('scratch', 'resume'):
         fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
 
