@@ -93,11 +93,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+        # QK-norm bounds the attention logits: a query's scale can no longer make a head sharp by growing
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = self.q_norm(self.wq(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_norm(self.wk(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -212,7 +215,7 @@ class ModelConfig:
     vocab_size: int = 532      # shape: the tokenizer's (+ padding: data.py's vocab_size knob)
     block_size: int = 256      # shape: longest sequence (RoPE table size) = data.py's block_size
     d_latent: int = 64         # shape: the encoder's latent dim
-    n_latent: int = 64         # shape: latent tokens per visual block
+    n_latent: int = 16         # shape: latent tokens per visual block
     d_model: int = 256         # width (the paper: 2048)
     n_layer: int = 6           # transformer blocks (the paper: 16)
     n_head: int = 8            # query heads
@@ -231,6 +234,7 @@ class ModelConfig:
     shift: float = 3.0         # noise shift alpha; 0 = the RAE formula sqrt(N*d/4096) (README "noise shift")
     rope_base: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5     # RMSNorm epsilon
+    qk_norm: bool = False      # RMSNorm (with a gain) on each head's queries and keys before RoPE, as in the speedruns
     attn: str = 'auto'         # auto (flex to train on CUDA, SDPA elsewhere) | sdpa | flex
 
     def __post_init__(self):

@@ -27,7 +27,7 @@ import rae
 import train
 from configurator import knobs
 from conftest import HERE, SMOKE, random_batch, run_script, run_train, tiny_config
-from model import ModalityFFN, ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask
+from model import Attention, ModalityFFN, ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask, rope_tables
 from world import Obj
 
 
@@ -209,6 +209,22 @@ def test_modality_ffn_routes_each_token_through_its_own_ffn():
     out = f(x, modality)
     torch.testing.assert_close(out[modality == 0], f.text(x[modality == 0]))
     torch.testing.assert_close(out[modality == 1], f.vision(x[modality == 1]))
+
+
+@pytest.mark.parametrize('qk_norm', [True, False])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
+    torch.manual_seed(0)
+    cfg = tiny_config(qk_norm=qk_norm)
+    attn = Attention(cfg)
+    x = torch.randn(2, 8, cfg.d_model)
+    cos, sin = rope_tables(cfg.d_model // cfg.n_head, 8, cfg.rope_base)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    before = attn(x, cos, sin, mask)
+    with torch.no_grad():
+        attn.wq.weight.mul_(30.0)
+        attn.wk.weight.mul_(30.0)
+    same = torch.allclose(attn(x, cos, sin, mask), before, atol=1e-4)
+    assert same == qk_norm
 
 
 @pytest.mark.parametrize('ffn', ['dense', 'modality', 'moe'])
