@@ -41,12 +41,12 @@ KNOBS = dict(
     tokenizer='world',       # world (a BPE learnt from the world's text) | byte | a tiktoken encoding (gpt2)
     vocab_size=0,            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
     text_source='',          # '' = the world's text documents; else a .txt path or http(s) URL of real text
-    mixture='text=0.1,caption2image=0.45,image2caption=0.15,qa=0.3',  # shares of documents (+ video, action; 'paper')
+    mixture='text=0.1,caption2image=0.35,image2caption=0.1,qa=0.25,action=0.2',  # shares of documents (+ video; 'paper')
     video_frames=5,          # frames per video / action clip (each n_latent + 2 tokens): must fit in block_size
     p_uncond=0.1,            # caption dropout for classifier-free guidance (docs/paper.md §4)
     n_images=16384,          # training pictures in the pool, encoded once into the latent cache
-    block_size=256,          # tokens per packed row (clips of 64-latent frames need 512: config/world.py)
-    batch_size=16,           # rows per micro-batch, per process
+    block_size=256,          # tokens per packed row (a 5-frame clip of 16-latent frames is ~110; 64-latent: 512)
+    batch_size=8,            # rows per micro-batch, per process
 )
 TEXT_MAX_BYTES = 256 << 20   # a text_source larger than this is refused (it is read whole)
 TEXT_TIMEOUT_S = 120         # a text_source URL must arrive within this many seconds

@@ -49,9 +49,9 @@ KNOBS = dict(
     encoder_path='',         # dinov2 / siglip2: a local folder (config.json + model.safetensors) or a HF repo id
     cache_dir='cache',       # built RAEs and latent caches, shared by every run
     image_size=32,           # pictures are image_size x image_size
-    patch_size=4,            # (32/4)^2 = 64 latent tokens per picture
+    patch_size=8,            # (32/8)^2 = 16 latent tokens per picture (4: 64, the finer grid; README speedrun)
     vit_dim=64,              # vit: the encoder's width = the latent dims per token
-    decoder_dim=96,          # the pixel decoder's width (a 3-layer ViT)
+    decoder_dim=192,         # the pixel decoder's width (a 3-layer ViT); 8x8 patches need the wider one
     rae_images=16384,        # pictures the MAE and the decoder train on (data.py's rae split)
     rae_batch=64,            # pictures per MAE / decoder step
     mae_steps=1000,          # vit encoder pretraining steps

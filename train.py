@@ -45,8 +45,8 @@ optimizer = 'adamw'       # adamw | muon (Muon for the blocks' matrices, AdamW f
 learning_rate = 1e-3      # peak learning rate (AdamW)
 muon_lr = 0.02            # optimizer=muon: peak learning rate of the Muon matrices
 min_lr = 1e-4             # the cosine ends here
-warmup_iters = 50         # linear warmup steps
-max_iters = 900           # optimizer steps
+warmup_iters = 100        # linear warmup steps
+max_iters = 2200          # optimizer steps
 lr_decay_iters = 0        # 0 = max_iters; the schedule reaches min_lr here (larger: stop part-way down a longer one)
 schedule = 'cosine'       # cosine (warmup, cosine decay) | wsd (warmup, stable, then a linear cooldown)
 cooldown = 0.4            # schedule=wsd: the share of the steps (after warmup) spent cooling down to min_lr
@@ -55,7 +55,7 @@ beta1 = 0.9               # AdamW beta1
 beta2 = 0.95              # AdamW beta2
 grad_clip = 1.0           # clip the global gradient norm to this (0 = no clipping)
 # eval, logging, checkpoints
-eval_interval = 100       # held-out losses and a checkpoint every this many steps
+eval_interval = 200       # held-out losses and a checkpoint every this many steps
 eval_batches = 4          # held-out batches per document kind
 log_interval = 10         # a log.jsonl line every this many steps
 skip_nonfinite = False    # True: skip a step whose loss or gradient is NaN/inf (nothing updates); else stop there
