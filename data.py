@@ -41,7 +41,7 @@ KNOBS = dict(
     tokenizer='world',       # world (a BPE learnt from the world's text) | byte | a tiktoken encoding (gpt2)
     vocab_size=0,            # 0 = the tokenizer's; larger pads the embedding (the paper's LLaMA-3 size: 128256)
     text_source='',          # '' = the world's text documents; else a .txt path or http(s) URL of real text
-    mixture='text=0.1,caption2image=0.35,image2caption=0.1,qa=0.25,action=0.2',  # shares of documents (+ video; 'paper')
+    mixture='text=0.1,caption2image=0.35,image2caption=0.1,qa=0.25,action=0.2',  # document shares (+ video; 'paper')
     video_frames=5,          # frames per video / action clip (each n_latent + 2 tokens): must fit in block_size
     p_uncond=0.1,            # caption dropout for classifier-free guidance (docs/paper.md §4)
     n_images=16384,          # training pictures in the pool, encoded once into the latent cache

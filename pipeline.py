@@ -126,7 +126,9 @@ def held_out_losses(net, dataset, n_batches, ctx=nullcontext(), t_grid=()):
 # checkpoints
 
 MODEL_SHAPE = ('d_model', 'n_layer', 'n_head', 'n_kv_head', 'd_ff', 'ffn', 'moe_experts', 'moe_top_k',
-               'moe_d_expert', 'moe_shared', 'tokenizer', 'vocab_size')
+               'moe_d_expert', 'moe_shared', 'qk_norm', 'tokenizer', 'vocab_size')
+# what a checkpoint written before a knob existed was built with (a later key otherwise takes today's default)
+BEFORE_KNOB = {'encoder': 'pixel', 'decoder_dim': 96, 'qk_norm': False}
 
 
 def weights_finite(net):
@@ -175,7 +177,7 @@ def check_resume(ck, cfg, path):
     """Refuse to resume a checkpoint whose model shape, tokenizer, encoder or optimizer differ from this run's
     config (the weights would not load, or would continue in another latent space), naming every differing
     knob. Everything else (steps, learning rate, mixture, ...) may change on resume."""
-    old = {**run_knobs(), 'encoder': 'pixel', **ck['config']}  # keys added later take their defaults
+    old = {**run_knobs(), **BEFORE_KNOB, **ck['config']}
     keys = [*MODEL_SHAPE, *rae.identity_knobs(cfg), 'optimizer']
     differ = [k for k in keys if k in cfg and old.get(k, cfg[k]) != cfg[k]]
     if differ:
@@ -198,11 +200,9 @@ def load_checkpoint(path, device='cpu'):
     """(model, tokenizer, encoder, train config) from a train.py checkpoint, with one clear error if the file
     is missing or does not fit the model it describes."""
     ck = read_checkpoint(path, device)
-    # keys added after the checkpoint was written take their defaults; checkpoints from before the RAE
-    # encoders used pixels
-    cfg = {**run_knobs(), 'encoder': 'pixel', **ck['config']}
+    cfg = {**run_knobs(), **BEFORE_KNOB, **ck['config']}
     try:
-        mcfg = model.ModelConfig(**ck['model_config'])
+        mcfg = model.ModelConfig(**{'qk_norm': BEFORE_KNOB['qk_norm'], **ck['model_config']})
         tok = data.get_tokenizer(cfg['tokenizer'])
         encoder = rae.build_encoder(cfg, fit=False)  # the checkpoint brings the encoder's statistics
         net = model.Transfusion(mcfg).to(device)

@@ -164,9 +164,9 @@ class ViT(nn.Module):
 
 
 class VitEncoder(LatentNorm):
-    """The offline default encoder: a ViT on 4x4 patches pretrained on world pictures by masked autoencoding
-    (MAE, He et al. 2022: hide 75% of the patches, predict their pixels from the rest). Why MAE: it needs no
-    augmentation design and no negative pairs, it trains in a couple of CPU minutes, and to fill in hidden
+    """The offline default encoder: a ViT on 8x8 patches (patch_size) pretrained on world pictures by masked
+    autoencoding (MAE, He et al. 2022: hide 75% of the patches, predict their pixels from the rest). Why MAE:
+    it needs no augmentation design and no negative pairs, it trains in a couple of CPU minutes, and to fill in hidden
     patches it must learn what the world is made of (objects, their colours, shapes and extents). Its
     latents keep the pixel detail a decoder needs, and a linear probe shows they are semantic (README).
     The latent is the last hidden state after a LayerNorm without affine (the RAE recipe), then standardised
@@ -368,7 +368,8 @@ def check_knobs(c):
 def identity_knobs(c):
     """The knobs that decide the encoder's weights, hence the latent space a model learns in (the decoder's
     knobs are not among them: a new decoder reads the same latents)."""
-    extra = {'pixel': [], 'vit': ['vit_dim', 'mae_steps', 'rae_images', 'rae_batch']}.get(c['encoder'], ['encoder_path'])
+    vit = ['vit_dim', 'mae_steps', 'rae_images', 'rae_batch']
+    extra = {'pixel': [], 'vit': vit}.get(c['encoder'], ['encoder_path'])
     return ['encoder', 'image_size', 'patch_size', *extra]
 
 

@@ -27,7 +27,8 @@ import rae
 import train
 from configurator import knobs
 from conftest import HERE, SMOKE, random_batch, run_script, run_train, tiny_config
-from model import Attention, ModalityFFN, ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask, rope_tables
+from model import (Attention, ModalityFFN, ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask,
+                   rope_tables)
 from world import Obj
 
 

@@ -315,3 +315,14 @@ def test_world_model_scores_compare_with_the_true_motion_and_random_plans():
     plan = evaluation.planning(model, tok, ENC, n=1, context=2, steps=2, seed=0, population=4, iters=1)
     assert set(plan) == {'cem_position_error', 'random_position_error'}
     assert all(0 <= v <= 2 * 4 * 2 ** 0.5 for v in plan.values())   # a goal is one action away
+
+
+def test_motion_errors_are_zero_for_the_true_frames_and_the_baseline_for_standing_still():
+    walks = evaluation.heldout_walks(6, 5, seed=0)
+    enc = rae.PixelEncoder(32, 8).fit(data.image_tensor(np.concatenate([w[1] for w in walks])))
+    frames = evaluation.encode_frames(enc, np.stack([w[1] for w in walks]), 'cpu')
+    true = [np.array(w[2][3:], dtype=float) for w in walks]   # the one shift after context frame 4
+    exact = evaluation.motion_errors(enc, frames[:, 3:4], frames[:, 4:], true)
+    assert max(exact['ate']) < 0.5 and max(exact['rpe']) < 0.5
+    still = evaluation.motion_errors(enc, frames[:, 3:4], frames[:, 3:4], true)
+    np.testing.assert_allclose(still['ate'], [np.linalg.norm(t[0]) for t in true], atol=0.5)

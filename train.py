@@ -44,7 +44,7 @@ grad_accum = 1            # micro-batches per step (each batch_size rows, per pr
 optimizer = 'adamw'       # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
 learning_rate = 1e-3      # peak learning rate (AdamW)
 muon_lr = 0.02            # optimizer=muon: peak learning rate of the Muon matrices
-min_lr = 1e-4             # the cosine ends here
+min_lr = 1e-4             # the schedule ends here
 warmup_iters = 100        # linear warmup steps
 max_iters = 2200          # optimizer steps
 lr_decay_iters = 0        # 0 = max_iters; the schedule reaches min_lr here (larger: stop part-way down a longer one)

@@ -8,6 +8,7 @@ n_layer = 6
 n_head = 8
 n_kv_head = 4
 d_ff = 768
+qk_norm = True             # README "Speedrun": the lever that brought binding
 ffn = 'modality'
 block_size = 256
 batch_size = 8

@@ -21,3 +21,4 @@ min_lr = 1.5e-5
 warmup_iters = 4000
 max_iters = 27000
 compile = True
+qk_norm = False             # not stated by the paper (docs/paper.md §1): LLaMA-style attention
