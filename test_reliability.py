@@ -123,7 +123,7 @@ def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('args, words', [
-    (['--block_size=64'], 'block_size=64 cannot hold a caption2image document'),
+    (['--block_size=48'], 'block_size=48 cannot hold a caption2image document'),
     (['--batch_size=0'], 'batch_size must be at least 1'),
     (['--max_iters=0'], 'max_iters must be at least 1'),
     (['--device=tpu'], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
