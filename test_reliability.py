@@ -311,3 +311,15 @@ def test_downloads_are_checked_against_the_servers_sha256_and_a_corrupted_cache_
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_qk_norm_loads_without_it(tiny_ckpt, tmp_path):
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    mcfg = {k: v for k, v in ck['model_config'].items() if k != 'qk_norm'}    # written before the knob existed
+    old = Transfusion(pipeline.model.ModelConfig(**mcfg, qk_norm=False))
+    ck = {**ck, 'model_config': mcfg, 'model': old.state_dict(),
+          'config': {k: v for k, v in ck['config'].items() if k != 'qk_norm'}}
+    torch.save(ck, tmp_path / 'old.pt')
+    net = pipeline.load_checkpoint(tmp_path / 'old.pt')[0]
+    assert net.cfg.qk_norm is False and not any('gain' in n for n, _ in net.named_parameters())
