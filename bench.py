@@ -92,7 +92,7 @@ def bench_train(cfg, device):
     res_data = {'data_ms_per_batch': 1e3 * timed(lambda: dataset.get('train', next(steps)), torch.device('cpu'))}
     tokens = cfg['batch_size'] * cfg['block_size']
     n_active = model.count_params()['active']
-    flops_per_token = 6 * n_active + 12 * mcfg.n_layer * mcfg.d_model * cfg['block_size']
+    flops_per_token = model.flops_per_token()
     res = {'config': {**{k: cfg[k] for k in ('d_model', 'n_layer', 'ffn', 'block_size', 'batch_size', 'compile')},
                       'dtype': dtype},
            'params_active': n_active, 'ms_per_step': 1e3 * sec, 'tokens_per_s': tokens / sec,

@@ -342,6 +342,13 @@ class Transfusion(nn.Module):
         adapters += self.lat_pos.numel()
         return {'total': total, 'active': total - idle, 'paper_active': total - idle - routers - adapters}
 
+    def flops_per_token(self):
+        """Training FLOPs per token, forward and backward: 6 per active parameter, plus the attention scores and
+        values over a whole block_size window (12 * n_layer * d_model * T), as nanoGPT counts them. bench.py's
+        MFU and scaling.py's budgets both use it."""
+        c = self.cfg
+        return 6 * self.count_params()['active'] + 12 * c.n_layer * c.d_model * c.block_size
+
     def make_mask(self, doc, block):
         # 'auto' = flex for CUDA training only: its compiled kernel is built per sequence length (sampling's
         # prefixes vary: recompiles, then a crash on an H100), and it needs head dims >= 16 (tiny test models)
