@@ -240,21 +240,36 @@ def parse_mixture(spec):
     return kinds, [w / total for w in weights]
 
 
-def longest_documents(kinds, tok, n_latent, video_frames, n=300):
-    """{kind: the longest of n documents of that kind drawn from a fixed seed, in tokens}, without rendering or
-    encoding a picture: what block_size must hold, checked before any long work. (World documents come from
-    a few templates, so n draws find the longest there is; clips, drawn n // 4 times, have a fixed layout.)"""
+def document_lengths(kinds, tok, n_latent, video_frames, n=300):
+    """{kind: lengths in tokens of n documents of that kind drawn from a fixed seed}, without rendering or
+    encoding a picture. (World documents come from a few templates, so n draws find the longest there is;
+    clips, drawn n // 4 times, have a fixed layout.)"""
     rng = np.random.default_rng(0)
     scenes = world_scenes('train', 64)
     pool = scenes, np.zeros((len(scenes), n_latent, 1), np.float16)
-    longest = {}
+    lengths = {}
     for kind in kinds:
         if kind in ('video', 'action'):
             docs = (video_document(kind, rng, 'train', video_frames) for _ in range(n // 4))
         else:
             docs = (world_document(kind, rng, pool) for _ in range(n))
-        longest[kind] = max(doc_length(d, tok, n_latent) for d in docs)
-    return longest
+        lengths[kind] = [doc_length(d, tok, n_latent) for d in docs]
+    return lengths
+
+
+def longest_documents(kinds, tok, n_latent, video_frames):
+    """{kind: the longest document of that kind in tokens}: what block_size must hold, checked before any
+    long work."""
+    return {k: max(v) for k, v in document_lengths(kinds, tok, n_latent, video_frames).items()}
+
+
+def token_shares(mixture, tok, n_latent, video_frames):
+    """{kind: its share of a mixture's tokens} (a mixture gives shares of documents; a text document is ~26
+    tokens, a qa document ~58, a clip ~120): what 'equal tokens of one kind' between two mixtures needs."""
+    kinds, probs = parse_mixture(mixture)
+    lengths = document_lengths(kinds, tok, n_latent, video_frames)
+    mass = {k: p * float(np.mean(lengths[k])) for k, p in zip(kinds, probs)}
+    return {k: m / sum(mass.values()) for k, m in mass.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Score a checkpoint on held-out world data, in the embedded-world form of the pap
 
     python eval.py                       # out/ckpt.pt -> a table, and out/eval.json
     python eval.py --ckpt=out-moe/ckpt.pt --n_prompts=100
+    python eval.py --only=understanding  # the held-out losses and one part (generation, understanding, world)
 
 Every score is printed beside its chance level.
 """
@@ -45,6 +46,7 @@ horizon = 4               # predicted frames
 n_plans = 16              # planning episodes
 plan_steps = 10           # Euler steps per predicted frame while planning (CEM runs many rollouts)
 seed = 0                  # the evaluation's seed (prompts, pictures, questions, walks)
+only = ''                 # '' = every part; else some of generation,understanding,world, or just losses
 device = 'auto'           # auto | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
 
@@ -62,7 +64,13 @@ def check_knobs(cfg):
         fail(f"t_grid must be comma-separated numbers, got {cfg['t_grid']!r}")
     if not all(0 <= t < 1 for t in ts):
         fail(f"every t of t_grid must lie in [0, 1) (t = 1 is clean), got {cfg['t_grid']!r}")
-    return ts
+    parts = set(cfg['only'].split(',')) if cfg['only'] else set(PARTS)
+    if parts - {*PARTS, 'losses'}:
+        fail(f"only takes some of {','.join(PARTS)}, or losses, got {cfg['only']!r}")
+    return ts, parts - {'losses'}
+
+
+PARTS = ('generation', 'understanding', 'world')  # what `only` selects; the held-out losses always run
 
 
 def score_scene(pred, true):
@@ -257,8 +265,9 @@ def text_bytes_per_token(dataset, tok, n_batches):
     return n_bytes / n_targets
 
 
-def scores(cfg, model, tok, encoder, tcfg, ts):
-    """Every number of the report, as one dict."""
+def scores(cfg, model, tok, encoder, tcfg, ts, parts=PARTS):
+    """Every number of the report, as one dict: the held-out losses, and each part of `parts` (the world
+    model only for a checkpoint that trained on action clips, unless it is asked for by name)."""
     dataset = make_dataset(tcfg, tok, encoder, None, tcfg['seed'])
     losses = held_out_losses(model, dataset, cfg['n_batches'], t_grid=ts)
     res = {'checkpoint': cfg['ckpt'], 'text_ppl': losses['val_text_ppl'],
@@ -266,21 +275,23 @@ def scores(cfg, model, tok, encoder, tcfg, ts):
            'text_loss_per_byte': losses['val_text_loss'] / text_bytes_per_token(dataset, tok, cfg['n_batches']),
            **{f'diffusion_loss_t{t:g}': losses[f'val_flow_t{t:g}_loss'] for t in ts}}
     res['diffusion_loss_mean'] = float(np.mean([res[f'diffusion_loss_t{t:g}'] for t in ts]))
-    for n_obj in (1, 2):
+    for n_obj in (1, 2) if 'generation' in parts else ():
         for heldout in (False, True):
             key = f"gen_{n_obj}obj_{'heldout' if heldout else 'seen'}"
             res[key] = generation_accuracy(model, tok, encoder, cfg['n_prompts'], n_obj, heldout,
                                            cfg['steps'], cfg['cfg_scale'], cfg['seed'])
     if model.cfg.ffn == 'moe':
         res['experts'] = expert_specialisation(model, dataset, cfg['n_batches'])
-    res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_per_cell'], cfg['seed'])
-    if 'action' in data.parse_mixture(tcfg['mixture'])[0]:
+    res['chance'] = {'color': 1 / len(world.COLORS), 'shape': 1 / len(world.SHAPES),
+                     'position': 1 / len(world.PLACES)}
+    if 'understanding' in parts:
+        res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_per_cell'], cfg['seed'])
+        res['chance']['understanding'] = res['understanding']['chance']
+    if 'world' in parts and ('action' in data.parse_mixture(tcfg['mixture'])[0] or cfg['only']):
         res['world_model'] = world_model_error(model, tok, encoder, cfg['n_rollouts'], cfg['context'],
                                                cfg['horizon'], cfg['steps'], cfg['seed'])
         res['planning'] = planning(model, tok, encoder, cfg['n_plans'], cfg['context'], cfg['plan_steps'],
                                    cfg['seed'])
-    res['chance'] = {'color': 1 / len(world.COLORS), 'shape': 1 / len(world.SHAPES),
-                     'position': 1 / len(world.PLACES), 'understanding': res['understanding']['chance']}
     return res
 
 
@@ -295,9 +306,10 @@ def print_report(res, model, tok, ts, cfg):
         for attr in ('color', 'shape', 'position', 'object', 'count', 'scene'):
             c = res['chance'].get(attr)
             print(f"{f'{key} {attr}':34s} {res[key][attr]:8.3f}   {'' if c is None else f'{c:.3f}'}")
-    u = res['understanding']
-    print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}   "
-          f"{u['majority']:.3f} (best constant answer per kind)")
+    u = res.get('understanding', {'by_kind': {}})
+    if 'accuracy' in u:
+        print(f"{'understanding (QA) accuracy':34s} {u['accuracy']:8.3f}   {u['chance']:.3f}   "
+              f"{u['majority']:.3f} (best constant answer per kind)")
     for name, r in u['by_kind'].items():
         cells = ' / '.join(f"{c['accuracy']:.2f}" for c in r['by_objects'].values())
         label = f"  {name} ({r['n']} questions)"
@@ -322,9 +334,9 @@ def print_report(res, model, tok, ts, cfg):
 
 def main(argv):
     cfg = configure(knobs(globals()), argv, __doc__)
-    ts = check_knobs(cfg)
+    ts, parts = check_knobs(cfg)
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))
-    res = scores(cfg, model, tok, encoder, tcfg, ts)
+    res = scores(cfg, model, tok, encoder, tcfg, ts, parts)
     print_report(res, model, tok, ts, cfg)
     path = cfg['out'] or os.path.join(os.path.dirname(cfg['ckpt']) or '.', 'eval.json')
     with open(path, 'w') as f:
