@@ -14,8 +14,10 @@ of the final loss in log N and in log D, their minima N_opt and D_opt, and power
 D_opt ~ C^b, with a bootstrap over runs for intervals. A budget whose minimum lies at its grid's edge gets
 the next ladder size beyond it (up to `extend` more), and is flagged if it still does.
 
-The rule for each size (stated once, here): the batch is the same for every size (the preset's batch_size
-rows of block_size tokens: every run of the CPU preset gets at least ~100 steps); learning rate = lr_ref * sqrt(d_ref / d_model) with d_ref = 256, the default
+The rule for each run (stated once, here): every run takes about `steps` optimizer steps, its batch the power
+of two of rows (of block_size tokens, at most max_batch) nearest to D / (block_size * steps), so a small model
+trains on its many tokens in big batches and a large one on its few in small ones (with one batch for every
+size, the largest models of a budget got ~100 steps, the smallest 3,000); learning rate = lr_ref * sqrt(d_ref / d_model) with d_ref = 256, the default
 model's width, where lr_ref = 1e-3 is the default run's rate; warmup = min(100, max_iters / 10); cosine to a
 tenth of the peak at the last step. Every run uses train.py's other defaults (encoder, seed, ...) and the
 preset's mixture; any train.py knob given here applies to every run.
@@ -53,6 +55,8 @@ sizes = 5                 # ladder points per budget, centred on the predicted o
 tokens_per_param = 10.0   # where the grid is centred: D / N = this (between the language and vision optima here)
 extend = 2                # a budget whose minimum lies at its grid's edge gets up to this many more sizes
 lr_ref = 1e-3             # the peak learning rate at d_model = 256 (the rule scales it by sqrt(256 / d_model))
+steps = 500               # optimizer steps a run aims at: the batch follows from the run's tokens
+max_batch = 64            # rows per step at most (per process)
 nproc = 1                 # processes per run (> 1: torchrun --standalone --nproc_per_node=nproc)
 out_dir = 'out-scaling'   # one folder per sweep (out_dir/<ffn>), the fits and figures beside them
 fit_only = False          # True: fit and plot the runs already in out_dir, train nothing
@@ -62,13 +66,13 @@ n_boot = 1000             # bootstrap resamples of the runs for the intervals on
 # language optimum then lies below the smallest model, README "Scaling laws"). The MoE steps cost ~1.7x the
 # dense ones on a CPU, so its CPU budgets are 2/3 of the dense ones (both sweeps about an hour on 2 cores).
 PRESETS = {
-    'cpu': dict(budgets='3e12,1e13,3e13', moe_budgets='2e12,6e12,2e13', depths='1,2,3,4,5,6,7,8', batch_size=8,
+    'cpu': dict(budgets='3e12,1e13,3e13', moe_budgets='2e12,6e12,2e13', depths='1,2,3,4,5,6,7,8', steps=500,
                 eval_batches=8, mixture='text=0.6,caption2image=0.4'),
     'gpu': dict(budgets='1e15,3e15,1e16,3e16', moe_budgets='1e15,3e15,1e16,3e16', depths='2,3,4,5,6,7,8,10,12,14,16',
-                batch_size=32, eval_batches=16, mixture='text=0.6,caption2image=0.4'),
+                steps=2000, max_batch=256, eval_batches=16, mixture='text=0.6,caption2image=0.4'),
 }
-PER_RUN = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_ff', 'max_iters', 'warmup_iters', 'learning_rate',
-           'min_lr', 'lr_decay_iters', 'eval_interval', 'out_dir', 'init_from', 'meta')  # set here, per run
+PER_RUN = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_ff', 'batch_size', 'max_iters', 'warmup_iters',
+           'learning_rate', 'min_lr', 'lr_decay_iters', 'eval_interval', 'out_dir', 'init_from', 'meta')  # per run
 LOSSES = {'language': 'val_text_loss', 'vision': 'val_flow_loss'}
 D_REF = 256
 # the paper's IsoFLOP exponents (docs/paper.md §7) and Chinchilla's
@@ -121,10 +125,19 @@ def budget_tag(C):
     return f"{float(m):g}e{int(e)}"
 
 
-def make_run(C, rung, cfg, passthrough, tokens_per_step):
+def batch_rule(tokens, cfg):
+    """Rows per step (per process): the power of two nearest to tokens / (block_size * steps * processes)."""
+    rows = tokens / (cfg['block_size'] * cfg['grad_accum'] * cfg['nproc'] * cfg['steps'])
+    return int(min(cfg['max_batch'], 2 ** max(0, round(math.log2(max(rows, 1))))))
+
+
+def make_run(C, rung, cfg, passthrough):
     depth, s, n_active, n_total, fpt = rung
+    rows = batch_rule(C / fpt, cfg)
+    tokens_per_step = rows * cfg['block_size'] * cfg['grad_accum'] * cfg['nproc']
     iters = max(1, round(C / (fpt * tokens_per_step)))
-    args = {**passthrough, **s, 'max_iters': iters, 'eval_interval': iters, **size_rule(depth, iters, cfg)}
+    args = {**passthrough, **s, 'batch_size': rows, 'max_iters': iters, 'eval_interval': iters,
+            **size_rule(depth, iters, cfg)}
     tokens = iters * tokens_per_step
     meta = {'budget': C, 'depth': depth, 'd_model': s['d_model'], 'n_active': n_active, 'n_total': n_total,
             'flops_per_token': fpt, 'tokens': tokens, 'flops': tokens * fpt}
@@ -152,8 +165,9 @@ def power_law(C, y):
 
 def budget_minima(points):
     """points: {C: [(N, D, loss)]} -> {C: {N_opt, D_opt, loss_opt, edge}}: per budget, the parabolas of the
-    loss in ln N and in ln D and their minima. edge: the lowest loss is the grid's first or last point, or a
-    parabola is not convex or has its minimum outside the grid (off-centre grids bias the exponents)."""
+    loss in ln N and in ln D and their minima. edge: a parabola is not convex or its minimum does not lie
+    strictly between the grid's smallest and largest model (off-centre grids bias the exponents). The fitted
+    minimum, not the lowest point, decides: where the curve is flat, the lowest point is mostly noise."""
     out = {}
     for C, pts in sorted(points.items()):
         N, D, L = (np.array(v, dtype=float) for v in zip(*sorted(pts)))
@@ -163,8 +177,7 @@ def budget_minima(points):
             fn, fd = parabola_min(np.log(N), L), parabola_min(np.log(D), L)
             if fn and fd:
                 res.update(N_opt=float(np.exp(fn[0])), D_opt=float(np.exp(fd[0])), loss_opt=float(fn[1]))
-                inside = np.log(N[0]) < fn[0] < np.log(N[-1]) and np.log(D[-1]) < fd[0] < np.log(D[0])
-                res['edge'] = bool(not inside or L.argmin() in (0, len(L) - 1))
+                res['edge'] = not (np.log(N[0]) < fn[0] < np.log(N[-1]) and np.log(D[-1]) < fd[0] < np.log(D[0]))
         out[C] = res
     return out
 
@@ -334,14 +347,14 @@ def report(cfg, rows, ffn):
 # -----------------------------------------------------------------------------
 
 
-def plan(cfg, rungs, passthrough, tokens_per_step, rows_so_far):
+def plan(cfg, rungs, passthrough, rows_so_far):
     """The runs of the sweep: each budget's centred grid, plus, for a budget whose minimum (of either loss)
     lies at an edge of what has run, the next rung beyond that edge (up to `extend` more per budget)."""
     runs = {}
     for C in (float(c) for c in cfg['budgets'].split(',')):
         idx = grid(C, rungs, cfg)
         for extra in range(cfg['extend'] + 1):
-            rows = [rows_so_far[n] for n in (make_run(C, rungs[i], cfg, passthrough, tokens_per_step).name
+            rows = [rows_so_far[n] for n in (make_run(C, rungs[i], cfg, passthrough).name
                                              for i in idx) if n in rows_so_far]
             if extra == cfg['extend'] or len(rows) < len(idx):
                 break  # out of extensions, or the grid has not all run yet
@@ -349,16 +362,16 @@ def plan(cfg, rungs, passthrough, tokens_per_step, rows_so_far):
             for key in LOSSES.values():
                 m = budget_minima({C: [(r['n_active'], r['tokens'], r['final'][key]) for r in rows
                                        if r.get('status') == 'ok' and r['final'].get(key) is not None]})[C]
-                if m['edge']:
-                    losses = m['loss']
-                    low = m['N_opt'] is not None and m['N_opt'] <= m['N_grid'][0] or np.argmin(losses) == 0
+                if m['edge']:  # extend toward the minimum: the fitted one, or the lowest point if not convex
+                    low = (m['N_opt'] <= m['N_grid'][0] if m['N_opt'] is not None
+                           else np.argmin(m['loss']) < len(m['loss']) / 2)
                     grow.add(idx[0] - 1 if low else idx[-1] + 1)
             grow = sorted(i for i in grow if 0 <= i < len(rungs))
             if not grow:
                 break
             idx = sorted(set(idx) | set(grow))
         for i in idx:
-            r = make_run(C, rungs[i], cfg, passthrough, tokens_per_step)
+            r = make_run(C, rungs[i], cfg, passthrough)
             runs[r.name] = r
     return list(runs.values())
 
@@ -389,24 +402,25 @@ def main(argv):
         fail("budgets must be positive and depths positive integers in increasing order")
     if cfg['sizes'] < 3 or cfg['sizes'] > len(ds):
         fail(f"sizes must lie between 3 (a parabola) and the ladder's {len(ds)} depths, got {cfg['sizes']}")
-    if cfg['aspect'] % cfg['head_dim'] or cfg['head_dim'] % 2 or cfg['nproc'] < 1 or cfg['extend'] < 0:
-        fail("aspect must be a multiple of head_dim (an even number), nproc at least 1, extend not negative")
+    if cfg['aspect'] % cfg['head_dim'] or cfg['head_dim'] % 2 or cfg['extend'] < 0:
+        fail("aspect must be a multiple of head_dim (an even number), extend not negative")
+    if min(cfg['nproc'], cfg['steps'], cfg['max_batch']) < 1:
+        fail("nproc, steps and max_batch must be at least 1")
     train.check_loop_knobs(cfg)
     tok, _ = pipeline.check(cfg)
     encoder = rae.build_encoder(cfg, fit=False)  # its shapes only: the first run builds (and caches) the RAE
     rungs = ladder(cfg, tok, encoder)
     ffn = cfg['ffn']
     passthrough = {k: cfg[k] for k in run if k not in PER_RUN and cfg[k] != run[k]}
-    tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * cfg['nproc']
     folder = os.path.join(cfg['out_dir'], ffn)
     if cfg['fit_only']:  # the rows of the runs this configuration plans, as they are on disk
         rows = read_results(folder)
-        rows = {r.name: rows[r.name] for r in plan(cfg, rungs, passthrough, tokens_per_step, rows)
+        rows = {r.name: rows[r.name] for r in plan(cfg, rungs, passthrough, rows)
                 if r.name in rows and rows[r.name]['args'] == r.args}
     else:
         rows = {}
         while True:  # an extension adds runs to the plan, until nothing is added
-            runs = plan(cfg, rungs, passthrough, tokens_per_step, rows)
+            runs = plan(cfg, rungs, passthrough, rows)
             if all(r.name in rows for r in runs):
                 break
             out = run_sweep(runs, folder, nproc=cfg['nproc'], desc=f"IsoFLOP sweep ({ffn})")

@@ -59,13 +59,20 @@ def test_each_budget_grid_is_the_ladder_window_around_the_predicted_optimum():
     assert scaling.grid(1e30, rungs, cfg) == [5, 6, 7]          # clipped at the ladder's end
 
 
+def test_every_run_takes_about_the_same_steps_its_batch_a_power_of_two():
+    cfg = {'block_size': 256, 'grad_accum': 1, 'nproc': 1, 'steps': 500, 'max_batch': 64}
+    assert scaling.batch_rule(4.1e6, cfg) == 32          # 32.0 rows
+    assert scaling.batch_rule(3.8e5, cfg) == 4           # 2.97 rows -> 4
+    assert scaling.batch_rule(1e3, cfg) == 1 and scaling.batch_rule(1e12, cfg) == 64
+
+
 def test_the_ladder_keeps_the_aspect_ratio_and_head_size():
     s = scaling.shape(5, {'aspect': 32, 'head_dim': 32})
     assert s == dict(n_layer=5, d_model=160, n_head=5, n_kv_head=5, d_ff=480)
 
 
 TINY = ['--budgets=2e10,6e10', '--depths=2,3,4', '--sizes=3', '--extend=0', '--n_boot=20', '--encoder=pixel',
-        '--n_images=256', '--mixture=text=0.5,caption2image=0.5', '--batch_size=2', '--eval_batches=1']
+        '--n_images=256', '--mixture=text=0.5,caption2image=0.5', '--steps=4', '--max_batch=2', '--eval_batches=1']
 
 
 @pytest.mark.slow
