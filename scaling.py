@@ -14,10 +14,10 @@ of the final loss in log N and in log D, their minima N_opt and D_opt, and power
 D_opt ~ C^b, with a bootstrap over runs for intervals. A budget whose minimum lies at its grid's edge gets
 the next ladder size beyond it (up to `extend` more), and is flagged if it still does.
 
-The rule for each run (stated once, here): every run takes about `steps` optimizer steps, its batch the power
-of two of rows (of block_size tokens, at most max_batch) nearest to D / (block_size * steps), so a small model
-trains on its many tokens in big batches and a large one on its few in small ones (with one batch for every
-size, the largest models of a budget got ~100 steps, the smallest 3,000); learning rate = lr_ref * sqrt(d_ref / d_model) with d_ref = 256, the default
+The rule for each run (stated once, here): every run takes `steps` optimizer steps, its batch D / (block_size
+* steps) rows (rounded; at most max_batch), so a small model trains on its many tokens in big batches and a
+large one on its few in small ones (with one batch for every size, the largest models of a budget got ~100
+steps and the smallest 3,000; with powers of two, neighbouring sizes jumped between 8 and 64 rows); learning rate = lr_ref * sqrt(d_ref / d_model) with d_ref = 256, the default
 model's width, where lr_ref = 1e-3 is the default run's rate; warmup = min(100, max_iters / 10); cosine to a
 tenth of the peak at the last step. Every run uses train.py's other defaults (encoder, seed, ...) and the
 preset's mixture; any train.py knob given here applies to every run.
@@ -55,8 +55,8 @@ sizes = 5                 # ladder points per budget, centred on the predicted o
 tokens_per_param = 10.0   # where the grid is centred: D / N = this (between the language and vision optima here)
 extend = 2                # a budget whose minimum lies at its grid's edge gets up to this many more sizes
 lr_ref = 1e-3             # the peak learning rate at d_model = 256 (the rule scales it by sqrt(256 / d_model))
-steps = 500               # optimizer steps a run aims at: the batch follows from the run's tokens
-max_batch = 64            # rows per step at most (per process)
+steps = 500               # optimizer steps of every run: the batch follows from the run's tokens
+max_batch = 256           # rows per step at most (per process)
 nproc = 1                 # processes per run (> 1: torchrun --standalone --nproc_per_node=nproc)
 out_dir = 'out-scaling'   # one folder per sweep (out_dir/<ffn>), the fits and figures beside them
 fit_only = False          # True: fit and plot the runs already in out_dir, train nothing
@@ -67,9 +67,9 @@ n_boot = 1000             # bootstrap resamples of the runs for the intervals on
 # dense ones on a CPU, so its CPU budgets are 2/3 of the dense ones (both sweeps about an hour on 2 cores).
 PRESETS = {
     'cpu': dict(budgets='3e12,1e13,3e13', moe_budgets='2e12,6e12,2e13', depths='1,2,3,4,5,6,7,8', steps=500,
-                eval_batches=8, mixture='text=0.6,caption2image=0.4'),
+                eval_batches=16, mixture='text=0.6,caption2image=0.4'),
     'gpu': dict(budgets='1e15,3e15,1e16,3e16', moe_budgets='1e15,3e15,1e16,3e16', depths='2,3,4,5,6,7,8,10,12,14,16',
-                steps=2000, max_batch=256, eval_batches=16, mixture='text=0.6,caption2image=0.4'),
+                steps=2000, max_batch=512, eval_batches=32, mixture='text=0.6,caption2image=0.4'),
 }
 PER_RUN = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_ff', 'batch_size', 'max_iters', 'warmup_iters',
            'learning_rate', 'min_lr', 'lr_decay_iters', 'eval_interval', 'out_dir', 'init_from', 'meta')  # per run
@@ -126,9 +126,9 @@ def budget_tag(C):
 
 
 def batch_rule(tokens, cfg):
-    """Rows per step (per process): the power of two nearest to tokens / (block_size * steps * processes)."""
+    """Rows per step (per process): tokens / (block_size * steps * processes), rounded, in [1, max_batch]."""
     rows = tokens / (cfg['block_size'] * cfg['grad_accum'] * cfg['nproc'] * cfg['steps'])
-    return int(min(cfg['max_batch'], 2 ** max(0, round(math.log2(max(rows, 1))))))
+    return int(min(cfg['max_batch'], max(1, round(rows))))
 
 
 def make_run(C, rung, cfg, passthrough):

@@ -59,10 +59,10 @@ def test_each_budget_grid_is_the_ladder_window_around_the_predicted_optimum():
     assert scaling.grid(1e30, rungs, cfg) == [5, 6, 7]          # clipped at the ladder's end
 
 
-def test_every_run_takes_about_the_same_steps_its_batch_a_power_of_two():
+def test_every_run_takes_the_same_steps_its_batch_from_its_tokens():
     cfg = {'block_size': 256, 'grad_accum': 1, 'nproc': 1, 'steps': 500, 'max_batch': 64}
-    assert scaling.batch_rule(4.1e6, cfg) == 32          # 32.0 rows
-    assert scaling.batch_rule(3.8e5, cfg) == 4           # 2.97 rows -> 4
+    assert scaling.batch_rule(6.4e6, cfg) == 50
+    assert scaling.batch_rule(3.8e5, cfg) == 3
     assert scaling.batch_rule(1e3, cfg) == 1 and scaling.batch_rule(1e12, cfg) == 64
 
 
