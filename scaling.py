@@ -66,7 +66,7 @@ n_boot = 1000             # bootstrap resamples of the runs for the intervals on
 # language optimum then lies below the smallest model, README "Scaling laws"). The MoE steps cost ~1.7x the
 # dense ones on a CPU, so its CPU budgets are 2/3 of the dense ones (both sweeps about an hour on 2 cores).
 PRESETS = {
-    'cpu': dict(budgets='6e12,2e13,6e13', moe_budgets='4e12,1.3e13,4e13', depths='1,2,3,4,5,6,7,8', steps=500,
+    'cpu': dict(budgets='4e12,1.3e13,4e13', moe_budgets='2.5e12,8e12,2.5e13', depths='1,2,3,4,5,6,7,8', steps=500,
                 eval_batches=16, mixture='text=0.6,caption2image=0.4'),
     'gpu': dict(budgets='1e15,3e15,1e16,3e16', moe_budgets='1e15,3e15,1e16,3e16', depths='2,3,4,5,6,7,8,10,12,14,16',
                 steps=2000, max_batch=512, eval_batches=32, mixture='text=0.6,caption2image=0.4'),
