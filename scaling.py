@@ -192,18 +192,23 @@ def exponents(minima):
 
 
 def bootstrap(points, n_boot, seed=0):
-    """Resample each budget's runs with replacement (draws with fewer than 3 distinct sizes are drawn again),
-    refit: the 5th and 95th percentiles of a and b, and how many draws gave a fit."""
+    """Intervals on a and b by a residual bootstrap: each budget's losses are replaced by its parabola's values
+    plus residuals of that fit drawn with replacement (scaled by sqrt(n / (n - 3)) for the 3 fitted
+    coefficients), the minima and power laws refitted; the 5th and 95th percentiles, and how many draws gave a
+    fit. (Resampling the runs themselves leaves 3 of 5 distinct sizes in many draws, and parabolas through
+    those put minima anywhere: intervals of [-6, 12].)"""
     rng = np.random.default_rng(seed)
+    fits = {}
+    for C, pts in points.items():
+        N, D, L = (np.array(v, dtype=float) for v in zip(*sorted(pts)))
+        if len(L) < 4:
+            return None
+        x = np.log(N)
+        pred = np.polyval(np.polyfit(x, L, 2), x)
+        fits[C] = N, D, pred, (L - pred) * np.sqrt(len(L) / (len(L) - 3))
     draws = []
     for _ in range(n_boot):
-        sample = {}
-        for C, pts in points.items():
-            while True:
-                idx = rng.integers(len(pts), size=len(pts))
-                if len(set(idx.tolist())) >= 3 or len(pts) < 3:
-                    break
-            sample[C] = [pts[i] for i in idx]
+        sample = {C: list(zip(N, D, pred + rng.choice(res, len(res)))) for C, (N, D, pred, res) in fits.items()}
         ab = exponents(budget_minima(sample))
         if ab:
             draws.append(ab)

@@ -40,6 +40,15 @@ def test_isoflop_fit_recovers_known_exponents_from_synthetic_losses(alpha, beta)
     assert f['interval']['a_90'][0] <= f['a'] <= f['interval']['a_90'][1]
 
 
+def test_the_bootstrap_interval_covers_the_true_exponent_of_noisy_losses():
+    rows = synthetic_rows(0.34, 0.28, [1e18, 3e18, 1e19, 3e19, 1e20])
+    rng = np.random.default_rng(0)
+    for r in rows:
+        r['final']['val_text_loss'] += rng.normal(0, 0.003)
+    lo, hi = scaling.fit(rows, 'val_text_loss', n_boot=200)['interval']['a_90']
+    assert lo < 0.28 / 0.62 < hi and hi - lo < 0.1
+
+
 def test_a_minimum_outside_the_grid_is_flagged_as_an_edge():
     rows = synthetic_rows(0.34, 0.28, [1e19], sizes=5)
     n_opt = scaling.fit(rows, 'val_text_loss', n_boot=0)['budgets'][0]['N_opt']
