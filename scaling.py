@@ -255,7 +255,7 @@ def plot(rows, fits, path, title):
             if not pts:
                 continue
             N, L = np.array(pts).T
-            ax[0].plot(N, L, 'o', color=col, label=f"C = {C:.0e}")
+            ax[0].plot(N, L, 'o', color=col, label=f"C = {budget_tag(C)}")
             m = next(b for b in f['budgets'] if b['C'] == C)
             if len(N) >= 3:
                 xs = np.linspace(np.log(N[0]), np.log(N[-1]), 50)
@@ -284,6 +284,7 @@ def plot(rows, fits, path, title):
             a.set(xscale='log', yscale='log', xlabel='compute C (FLOPs)',
                   ylabel='N_opt (active parameters)' if key == 'N_opt' else 'D_opt (tokens)',
                   title=f"{name}: {key} ~ C^{letter}")
+            a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^13 ... overlapped
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
