@@ -45,6 +45,9 @@ KNOBS = dict(
     video_frames=5,          # frames per video / action clip (each n_latent + 2 tokens): must fit in block_size
     p_uncond=0.1,            # caption dropout for classifier-free guidance (docs/paper.md §4)
     n_images=16384,          # training pictures in the pool, encoded once into the latent cache
+    image_folder='',         # your pictures (+ captions.jsonl or .txt files) for caption<->image documents (folders.py)
+    video_folder='',         # your GIFs / MP4s (+ .txt captions, .actions lines) for video and action documents
+    video_fps=0.0,           # video_folder: frames sampled per second of video (0 = every frame)
     block_size=256,          # tokens per packed row (a 5-frame clip of 16-latent frames is ~110; 64-latent: 512)
     batch_size=8,            # rows per micro-batch, per process
 )
@@ -166,18 +169,20 @@ QA_PER_PICTURE = 3
 def world_document(kind, rng, pool, p_uncond=0.0):
     """One document of the embedded world. kind: text | caption2image | image2caption | qa.
     pool: (scenes, latents) of a split (WorldData.pool); the picture is one of its pictures, the text is
-    drawn fresh, so one picture appears under many captions and questions."""
+    drawn fresh, so one picture appears under many captions and questions. (An image_folder's pool holds
+    captions instead of scenes: a picture keeps its own caption.)"""
     if kind == 'text':
         return [world.text_document(rng)]
     scenes, latents = pool
     i = int(rng.integers(len(scenes)))
     scene, z = scenes[i], torch.from_numpy(np.asarray(latents[i], dtype=np.float32))
+    caption = scene if isinstance(scene, str) else world.caption(scene, rng)
     if kind == 'caption2image':
         # classifier-free guidance: 10% of generation documents lose their caption (docs/paper.md §4)
-        text = '' if rng.random() < p_uncond else world.caption(scene, rng)
+        text = '' if rng.random() < p_uncond else caption
         return [text, Visual(None, True, z)] if text else [Visual(None, True, z)]
     if kind == 'image2caption':
-        return [Visual(None, False, z), world.caption(scene, rng)]
+        return [Visual(None, False, z), caption]
     if kind == 'qa':  # several questions per picture, one per line (multi-turn VQA): see QA_PER_PICTURE
         lines = (f"q: {q} a: {a}" for q, a in (world.question_answer(scene, rng) for _ in range(QA_PER_PICTURE)))
         return [Visual(None, False, z), '\n'.join(lines)]
@@ -289,6 +294,9 @@ class Batch:
 
     def to(self, device):
         return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
+
+    def pin_memory(self):  # DataLoader(pin_memory=True) calls this on custom types: page-locked, for async copies
+        return Batch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
 
 
 def doc_length(doc, tok, n_latent):
@@ -481,16 +489,17 @@ def world_images(split, n, res=world.RES, start=0):
     return np.stack([picture(split, i, res) for i in range(start, n)])
 
 
-def latent_cache(encoder, split, n, cache_dir, batch_size=256):
-    """The split's first n pool pictures encoded once: float16 [n, N, d], memory-mapped from cache_dir.
+def latent_cache(encoder, split, n, cache_dir, batch_size=256, pictures=None, tag=None):
+    """The split's first n pool pictures encoded once: float16 [n, N, d], memory-mapped from cache_dir (or,
+    given `pictures`, uint8 [n, H, W, 3] such as a folder's picture cache, those, with `tag` naming them).
     The file name carries a hash of the encoder's weights and normalisation (an RAE's latents depend on its
-    encoder only, not its decoder), the split, n and the picture size: a changed encoder or data config
+    encoder only, not its decoder), the split, n and the picture size (or the tag): a changed encoder or data
     builds a new cache instead of reading a stale one. Written to a temp file and renamed when complete (two
     runs building the same cache at once both finish, and the last rename wins); a killed build's temp file is
     removed by the next build, and a cache file that does not load with the expected shape is moved aside
     (with a warning naming it) and rebuilt."""
     core = getattr(encoder, 'encoder', encoder)
-    h = hashlib.sha1(f'{split},{n},{encoder.res},{POOL_SEED}'.encode())
+    h = hashlib.sha1((tag or f'{split},{n},{encoder.res},{POOL_SEED}').encode())
     for k, v in sorted(core.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
@@ -514,7 +523,8 @@ def latent_cache(encoder, split, n, cache_dir, batch_size=256):
     out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
     with torch.no_grad():
         for i in tqdm(range(0, n, batch_size), desc=f'encoding {n} {split} pictures ({encoder.name})'):
-            images = world_images(split, min(i + batch_size, n), encoder.res, start=i)
+            images = (world_images(split, min(i + batch_size, n), encoder.res, start=i) if pictures is None
+                      else np.asarray(pictures[i:i + batch_size]))
             out[i:i + len(images)] = encoder.encode(image_tensor(images)).numpy()
     out.flush()
     del out
@@ -523,10 +533,12 @@ def latent_cache(encoder, split, n, cache_dir, batch_size=256):
 
 
 class WorldData:
-    """Batches of packed world documents. `get(split, step, index)` is deterministic in its arguments."""
+    """Batches of packed world documents. `get(split, step, index)` is deterministic in its arguments.
+    images / videos (folders.py): a folder of captioned pictures replaces the world's pictures in
+    caption->image and image->caption documents, a folder of clips the world's in video and action ones."""
 
     def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, p_uncond=0.1, text=None,
-                 n_images=16384, cache_dir='cache', video_frames=5):
+                 n_images=16384, cache_dir='cache', video_frames=5, images=None, videos=None):
         self.tok, self.encoder, self.T, self.B = tok, encoder, block_size, batch_size
         self.kinds, self.probs = parse_mixture(mixture)
         self.seed, self.p_uncond = seed, p_uncond
@@ -534,9 +546,12 @@ class WorldData:
         self.text = text  # real text (a str) replaces the world's text documents when given
         self.n_images, self.cache_dir, self.pools = {'train': n_images, 'val': N_VAL}, cache_dir, {}
         self.video_frames = video_frames
+        self.images, self.videos = images, videos
 
     def pool(self, split):
         """(scenes, latents) of a split: what world documents draw their pictures from."""
+        if self.images is not None:  # <BOS> caption <BOI> latents <EOI> <EOS>
+            return self.images.pool(split, self.encoder, self.tok, self.T - self.n_latent - 4)
         if split not in self.pools:
             n = self.n_images[split]
             self.pools[split] = world_scenes(split, n), latent_cache(self.encoder, split, n, self.cache_dir)
@@ -547,6 +562,9 @@ class WorldData:
             kind = kinds[rng.choice(len(kinds), p=probs)]
             if kind == 'text' and self.text is not None:
                 yield [text_chunk(self.text, rng, self.tok, self.T)]
+            elif kind in ('video', 'action') and self.videos is not None:
+                room = self.T - self.video_frames * (self.n_latent + 2) - 2
+                yield self.videos.document(kind, rng, split, self.video_frames, self.encoder, self.tok, room)
             elif kind in ('video', 'action'):
                 yield video_document(kind, rng, split, self.video_frames)
             else:

@@ -336,6 +336,14 @@ def main(argv):
     cfg = configure(knobs(globals()), argv, __doc__)
     ts, parts = check_knobs(cfg)
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))
+    # the scene parser, the questions and the maps are the world's: a model of your pictures or videos gets
+    # the held-out losses on them (and the world parts its other data allow)
+    world_only = {'generation', 'understanding'} if tcfg['image_folder'] else set()
+    world_only |= {'world'} if tcfg['video_folder'] else set()
+    if parts & world_only:
+        print(f"{tcfg['image_folder'] or tcfg['video_folder']}: scoring held-out losses on it; "
+              f"{', '.join(sorted(parts & world_only))} are scored on the embedded world only: skipped")
+        parts -= world_only
     res = scores(cfg, model, tok, encoder, tcfg, ts, parts)
     print_report(res, model, tok, ts, cfg)
     path = cfg['out'] or os.path.join(os.path.dirname(cfg['ckpt']) or '.', 'eval.json')

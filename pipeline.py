@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 import data
+import folders
 import model
 import rae
 from configurator import fail, save_atomic
@@ -80,7 +81,10 @@ def check(cfg):
             text = data.load_text(cfg['text_source'])
         except ValueError as e:
             fail(e)
-    world_kinds = [k for k in kinds if not (k == 'text' and text is not None)]  # real text is cut to fit
+    check_folders(cfg, kinds, tok, n_latent)
+    world_kinds = [k for k in kinds if not (k == 'text' and text is not None)  # real text is cut to fit
+                   and not (cfg['image_folder'] and k in ('caption2image', 'image2caption'))
+                   and not (cfg['video_folder'] and k in ('video', 'action'))]
     for kind, n in data.longest_documents(world_kinds, tok, n_latent, cfg['video_frames']).items():
         if n > cfg['block_size']:
             hint = ' (or fewer video_frames)' if kind in ('video', 'action') else ''
@@ -89,10 +93,40 @@ def check(cfg):
     return tok, text
 
 
+def check_folders(cfg, kinds, tok, n_latent):
+    """image_folder and video_folder: listed, captions and actions read, the mixture and block_size checked
+    (the pictures and videos themselves are read by the first build of their caches)."""
+    if cfg['video_fps'] < 0:
+        fail(f"video_fps must not be negative, got {cfg['video_fps']}")
+    if cfg['image_folder']:
+        if 'qa' in kinds:
+            fail("question documents need the world's scenes: with image_folder, the mixture may hold text, "
+                 "caption2image, image2caption, video and action documents")
+        if cfg['block_size'] < n_latent + 5:
+            fail(f"block_size={cfg['block_size']} cannot hold a picture with a caption ({n_latent} latents + 5)")
+        folders.open_images(cfg['image_folder'], cfg['image_size'], cfg['cache_dir'])
+    if cfg['video_folder'] and ({'video', 'action'} & set(kinds)):
+        vf = folders.open_videos(cfg['video_folder'], cfg['image_size'], cfg['cache_dir'], cfg['video_fps'])
+        clip = cfg['video_frames'] * (n_latent + 2) + 2
+        if 'action' in kinds:
+            if not vf.actions:
+                fail(f"action documents need videos with a .actions file (one action line per step) in "
+                     f"{cfg['video_folder']}")
+            clip += (cfg['video_frames'] - 1) * max((len(tok.encode(a)) for lines in vf.actions.values() for a in lines),
+                                                    default=0)
+        if clip > cfg['block_size']:
+            fail(f"block_size={cfg['block_size']} cannot hold a clip of {cfg['video_frames']} frames from "
+                 f"{cfg['video_folder']} (up to {clip} tokens): use block_size >= {clip} or fewer video_frames")
+
+
 def make_dataset(cfg, tok, encoder, text, seed):
+    images = folders.open_images(cfg['image_folder'], encoder.res, cfg['cache_dir']) if cfg['image_folder'] else None
+    videos = (folders.open_videos(cfg['video_folder'], encoder.res, cfg['cache_dir'], cfg['video_fps'])
+              if cfg['video_folder'] else None)
     return data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], seed=seed,
                           p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
-                          cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'])
+                          cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'], images=images,
+                          videos=videos)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ to invert it. Three encoders live behind one boundary:
     python rae.py                              # build the default vit RAE (or reuse it) and score it
     python rae.py --encoder=dinov2 --encoder_path=../shared/weights/dinov2-vits14
     python rae.py --report=True                # pixel, vit and dinov2 side by side -> docs/rae.json
+    python rae.py --image_folder=my_pictures   # fit the encoder and train the decoder on your pictures
 
 Building one: pretrain the encoder (vit only), measure the latent normalisation on training pictures, encode
 the training pool once into the latent cache (data.py), then train the decoder on the cached latents with
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import folders
 import pretrained
 import world
 from configurator import configure, fail, remove_orphans, save_atomic, seed_of
@@ -370,7 +372,7 @@ def identity_knobs(c):
     knobs are not among them: a new decoder reads the same latents)."""
     vit = ['vit_dim', 'mae_steps', 'rae_images', 'rae_batch']
     extra = {'pixel': [], 'vit': vit}.get(c['encoder'], ['encoder_path'])
-    return ['encoder', 'image_size', 'patch_size', *extra]
+    return ['encoder', 'image_size', 'patch_size', 'image_folder', *extra]
 
 
 def n_tokens(c):
@@ -391,9 +393,11 @@ def load_or_none(path, what):
 
 
 def rae_key(c):
-    """The name of a built RAE in cache_dir: a hash of every knob that changes what gets built."""
+    """The name of a built RAE in cache_dir: a hash of every knob that changes what gets built, and of the
+    image_folder it is built on, if any (by path: a folder that changes keeps its RAE, and gets new latents)."""
     unused = {'cache_dir'} | ({'encoder_path'} if c['encoder'] == 'vit' else {'mae_steps', 'feat_weight', 'vit_dim'})
-    key = json.dumps({'recipe': RECIPE, **{k: c[k] for k in KNOBS if k not in unused}}, sort_keys=True)
+    where = {'image_folder': os.path.abspath(c['image_folder'])} if c['image_folder'] else {}
+    key = json.dumps({'recipe': RECIPE, **where, **{k: c[k] for k in KNOBS if k not in unused}}, sort_keys=True)
     return f"rae-{c['encoder']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -402,13 +406,16 @@ def build_encoder(cfg, fit=True):
     fit=False: only the skeleton (a checkpoint will bring the weights). Otherwise the pixel encoder measures
     its normalisation, and an RAE is loaded from cache_dir, or built there: every stage checkpoints and
     resumes, so a killed build continues where it stopped; a cached file that does not load is rebuilt."""
-    c = {k: cfg.get(k, v) for k, v in KNOBS.items()}
+    c = {**{k: cfg.get(k, v) for k, v in KNOBS.items()}, 'image_folder': cfg.get('image_folder', '')}
     check_knobs(c)
     res, grid = c['image_size'], c['image_size'] // c['patch_size']
+    # an image_folder's training pictures (memory-mapped), else the world's: what the encoder is fitted on
+    own = folders.open_images(c['image_folder'], res, c['cache_dir']).pictures('train')[0] if c['image_folder'] \
+        and fit else None
     if c['encoder'] == 'pixel':
         enc = PixelEncoder(res, c['patch_size'])
         if fit:
-            enc.fit(data.image_tensor(data.world_images('train', 2048, res)))
+            enc.fit(data.image_tensor(own[:2048] if own is not None else data.world_images('train', 2048, res)))
         return enc
     with torch.random.fork_rng():    # building must not move the caller's RNG (train.py seeds the model first)
         torch.manual_seed(0)
@@ -430,7 +437,7 @@ def build_encoder(cfg, fit=True):
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphans(folder, re.escape(name))
     print(f"building the {c['encoder']} RAE (saved to {path} and reused afterwards)")
-    images = data.world_images('rae', c['rae_images'], res)
+    images = own[:c['rae_images']] if own is not None else data.world_images('rae', c['rae_images'], res)
     stage = lambda stage_name: folder / f"{name}.{stage_name}.pt"
     with torch.random.fork_rng():
         torch.manual_seed(1337)      # the same settings build the same RAE, whoever asks (the default seed)
@@ -439,7 +446,8 @@ def build_encoder(cfg, fit=True):
             pretrain_mae(enc, images, c['mae_steps'], c['rae_batch'], stage('mae'))
         with torch.no_grad():
             enc.fit(data.image_tensor(images[:4096]))
-        latents = data.latent_cache(rae, 'rae', c['rae_images'], folder)
+        latents = data.latent_cache(rae, 'rae', len(images), folder, pictures=images if own is not None else None,
+                                    tag=None if own is None else f"{name},{len(images)}")
         train_decoder(rae, latents, images, c['decoder_steps'], c['rae_batch'], stage('decoder'), tau=c['tau'],
                       feat_weight=c['feat_weight'] if c['encoder'] == 'vit' else 0.0,
                       gan_weight=c['gan_weight'], gan_start=c['gan_start'])
@@ -495,6 +503,19 @@ def linear_probe(train_x, train_y, test_x, test_y, n_class, steps=300):
     return ((test_x @ w + b).argmax(1) == test_y).float().mean().item()
 
 
+def psnr(recon, truth):
+    return (10 * torch.log10(1 / (recon - truth).square().mean((1, 2, 3)).clamp(min=1e-10))).mean().item()
+
+
+@torch.no_grad()
+def score_folder(enc, image_folder, cache_dir):
+    """Reconstruction PSNR of an image_folder's held-out pictures (the scene parser and probe are world-only)."""
+    images = folders.open_images(image_folder, enc.res, cache_dir).pictures('val')[0]
+    x = data.image_tensor(images[:1024])
+    return {'encoder': enc.name, 'image_folder': image_folder, 'n_val': len(x), 'n_tokens': enc.n_tokens,
+            'd_latent': enc.d_latent, 'psnr': psnr(enc.decode(enc.encode(x)).clamp(0, 1), x)}
+
+
 @torch.no_grad()
 def score(enc, n_val=1024, n_probe=4096):
     """Reconstruction of held-out pictures (PSNR, fraction parsing to the true scene), a linear probe of the
@@ -510,14 +531,13 @@ def score(enc, n_val=1024, n_probe=4096):
         t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
     recon = torch.cat(recon)
     truth = data.image_tensor(images)
-    psnr = (10 * torch.log10(1 / (recon - truth).square().mean((1, 2, 3)).clamp(min=1e-10))).mean().item()
     parsed = sum(world.parse(r) == tuple(sorted(s)) for r, s in zip(to_uint8(recon), scenes)) / n_val
     train_images, train_scenes = data.world_images('train', n_probe, enc.res), data.world_scenes('train', n_probe)
     label = lambda ss: torch.tensor([largest_shape(s) for s in ss])
     with torch.enable_grad():
         probe = linear_probe(mean_latents(enc, train_images), label(train_scenes), mean_latents(enc, images),
                              label(scenes), len(world.SHAPES))
-    return {'encoder': enc.name, 'n_tokens': enc.n_tokens, 'd_latent': enc.d_latent, 'psnr': psnr,
+    return {'encoder': enc.name, 'n_tokens': enc.n_tokens, 'd_latent': enc.d_latent, 'psnr': psnr(recon, truth),
             'parse_accuracy': parsed, 'probe_largest_shape': probe, 'probe_chance': 1 / len(world.SHAPES),
             'encode_per_s': n_val / t_enc, 'decode_per_s': n_val / t_dec}
 
@@ -526,10 +546,14 @@ def main(argv):
     usage = """python rae.py [config.py] [--key=value ...]: build (or reuse) an RAE and score it;
 --report=True scores pixel, vit and dinov2 side by side into docs/rae.json."""
     here = os.path.abspath(__file__)
-    cfg = configure({**KNOBS, 'report': report}, argv, usage,
-                    [('encoder (rae.py)', list(KNOBS), here), ('this script', ['report'], here)])
+    cfg = configure({**KNOBS, 'report': report, 'image_folder': ''}, argv, usage,
+                    [('encoder (rae.py)', list(KNOBS), here), ('this script', ['report'], here),
+                     ('data', ['image_folder'], data.__file__)])
     check_knobs(cfg)
     torch.set_num_threads(os.cpu_count() or 1)
+    if cfg['image_folder']:  # an RAE fitted and trained on your pictures (train.py builds the same one)
+        print(json.dumps(score_folder(build_encoder(cfg), cfg['image_folder'], cfg['cache_dir']), indent=1))
+        return
     if not cfg['report']:
         res = score(build_encoder(cfg))
         print(json.dumps(res, indent=1))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import data
+import folders
 import video
 import world
 from configurator import configure, fail, knobs, resolve_device
@@ -128,8 +129,12 @@ def main(argv):
         prompt = cfg['prompt'] or 'there is'
         ids, _ = generate(model, tok, [prompt], **gen)
         print(f"[text] {prompt!r} -> {text_of(ids[0])!r}")
+    # a model of your pictures draws and reads held-out ones of its folder; a world model, world scenes
+    own = (folders.open_images(tcfg['image_folder'], encoder.res, tcfg['cache_dir']).pictures('val')
+           if tcfg['image_folder'] else None)
     if cfg['mode'] in ('all', 't2i'):
-        prompts = [cfg['prompt']] if cfg['prompt'] else [world.caption(world.sample_scene(rng, 1), rng) for _ in range(4)]
+        prompts = ([cfg['prompt']] if cfg['prompt'] else own[1][:4] if own else
+                   [world.caption(world.sample_scene(rng, 1), rng) for _ in range(4)])
         rows = []
         for i, p in enumerate(prompts):
             z = text_to_image(model, tok, p, B=cfg['n'], **kw)
@@ -139,8 +144,15 @@ def main(argv):
         save_grid(path, np.concatenate(rows), cols=cfg['n'])
         print(f"[t2i] wrote {path}")
     if cfg['mode'] in ('all', 'i2t'):
-        if cfg['image']:
+        if cfg['image'] and own:
+            try:
+                images, truth = data.image_tensor([folders.read_picture(cfg['image'], encoder.res)]), None
+            except Exception as e:  # imageio raises many types for a bad file
+                fail(f"cannot read image {cfg['image']}: {e}")
+        elif cfg['image']:
             images, truth = read_image(cfg['image'], encoder.res), None
+        elif own:
+            images, truth = data.image_tensor(own[0][:1]), own[1][0]
         else:
             scene = world.sample_scene(rng)
             images, truth = data.image_tensor([world.render(scene, encoder.res, rng=rng)]), scene
@@ -151,14 +163,15 @@ def main(argv):
         ids, _ = generate(model, tok, [data.Visual(None, False, z)] + ([asked] if asked else []), **gen)
         print(f"[i2t] {asked!r} -> {text_of(ids[0])!r}" + (f"  (truth: {truth})" if truth else ''))
     if cfg['mode'] in ('all', 'interleaved'):
-        prompt = cfg['prompt'] or world.caption(world.sample_scene(rng, 1), rng)
+        prompt = cfg['prompt'] or (own[1][0] if own else world.caption(world.sample_scene(rng, 1), rng))
         ids, images = generate(model, tok, [prompt], **gen)
         print(f"[interleaved] {prompt!r} -> {text_of(ids[0])!r} with {len(images)} image(s)")
         if images:
             path = os.path.join(out, 'interleaved.png')
             save_grid(path, to_uint8(encoder.decode(torch.cat(images))))
             print(f"[interleaved] wrote {path}")
-    if cfg['mode'] == 'rollout' or (cfg['mode'] == 'all' and 'action' in data.parse_mixture(tcfg['mixture'])[0]):
+    world_actions = 'action' in data.parse_mixture(tcfg['mixture'])[0] and not tcfg['video_folder']
+    if cfg['mode'] == 'rollout' or (cfg['mode'] == 'all' and world_actions):
         path = os.path.join(out, 'rollout.gif')
         write_rollout(model, tok, encoder, cfg['actions'], path, cfg['steps'], cfg['seed'])
         print(f"[rollout] wrote {path} (top: the model, bottom: the true world)")

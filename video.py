@@ -321,10 +321,15 @@ def estimate_shift(a, b, candidates=5):
 # -----------------------------------------------------------------------------
 # files: read real clips into the world's frame size; write rollouts as GIFs
 
-_STREAMS = ('.mp4', '.m4v', '.mov', '.avi', '.mkv', '.webm')  # need ffmpeg; everything else goes to pillow
+STREAMS = ('.mp4', '.m4v', '.mov', '.avi', '.mkv', '.webm')  # need ffmpeg; everything else goes to pillow
 
 
-def _square(frame, res):
+def stream_backend():
+    """The imageio plugin that reads MP4 and the like here: 'pyav', 'FFMPEG', or None (neither installed)."""
+    return 'pyav' if find_spec('av') else 'FFMPEG' if find_spec('imageio_ffmpeg') else None
+
+
+def square_crop(frame, res):
     """Centre-crop to a square (keeps the aspect ratio) and box-average to res x res (PIL's BOX filter is
     an exact area average when shrinking)."""
     h, w = frame.shape[:2]
@@ -343,20 +348,20 @@ def read_video(path, res=world.RES, fps=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no video file at {path!r}")
     plugin = 'pillow'
-    if os.path.splitext(path)[1].lower() in _STREAMS:
-        plugin = 'pyav' if find_spec('av') else 'FFMPEG' if find_spec('imageio_ffmpeg') else None
+    if os.path.splitext(path)[1].lower() in STREAMS:
+        plugin = stream_backend()
         if plugin is None:
             raise RuntimeError(f"reading {path!r} needs a video backend: pip install av (or imageio-ffmpeg)")
     try:
         with iio.imopen(path, 'r', plugin=plugin) as f:
             if plugin == 'pillow':  # per-frame durations, in ms
                 n = f.properties(index=None).n_images
-                frames = [_square(f.read(index=i, mode='RGB'), res) for i in range(n)]
+                frames = [square_crop(f.read(index=i, mode='RGB'), res) for i in range(n)]
                 dur = [f.metadata(index=i).get('duration') for i in range(n)]
                 dur = [d / 1000 for d in dur] if all(dur) else None
             else:  # a constant frame rate
                 rate = f.metadata().get('fps')
-                frames = [_square(x, res) for x in f.iter()]
+                frames = [square_crop(x, res) for x in f.iter()]
                 dur = [1 / rate] * len(frames) if rate and np.isfinite(rate) else None
     except Exception as e:  # imageio and its backends raise many types for a bad file
         raise ValueError(f"cannot read video {path!r}: {e}") from e
