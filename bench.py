@@ -7,6 +7,7 @@ repeats). Prints a table and writes JSON.
     python bench.py --only=moe               # just one section: train | attention | moe | sampling
     python bench.py --only=moe --threads=1   # the MoE layer paths on one CPU thread
     python bench.py --only=train --profile=True   # + where the training step's time goes (torch.profiler)
+    python bench.py --suite=gpu              # the prepared GPU check, < 8 min on an H100: docs/bench_gpu_<gpu>.json
 
 MFU = achieved FLOP/s / peak; model FLOPs per token = 6 * N_active + 12 * n_layer * d_model * T (the attention
 scores and values, forward and backward, as in nanoGPT). The peak is looked up for known GPUs, or --peak_tflops.
@@ -15,8 +16,10 @@ scores and values, forward and backward, as in nanoGPT). The peak is looked up f
 import itertools
 import json
 import os
+import re
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -29,6 +32,7 @@ import rae
 import train
 from configurator import configure, fail, knobs, precision, resolve_device
 from generate import text_to_image
+from loader import Loader
 from model import ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask
 from moe import MoE
 from optim import configure_optimizer
@@ -46,6 +50,9 @@ moe_k = 8                 #   active experts per token (1 per-modality shared + 
 moe_pools = '8,64'        #   routed expert counts E to time
 profile = False           # train: also profile 3 steps, top ops by self time (printed and in the JSON)
 peak_tflops = 0.0         # 0 = look the device up (CUDA bf16 dense peaks below); CPU: MFU not reported
+suite = ''                # gpu: the prepared GPU check (test_cuda.py, the paper steps, MoE, data wait) -> docs/
+suite_dense = 'config/paper_modality.py'  # suite=gpu: the dense model's config file(s), comma-separated
+suite_moe = 'config/paper_moe256.py'      # suite=gpu: the MoE model's, timed against the dense one
 # -----------------------------------------------------------------------------
 
 PEAKS_BF16 = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'RTX 4090': 165.0}  # dense TFLOP/s
@@ -80,16 +87,17 @@ def bench_train(cfg, device):
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
 
-    def step():
+    def step(b=batch):
         with amp:
-            loss, _ = fwd(batch)
+            loss, _ = fwd(b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     sec = timed(step, device)
     steps = itertools.count(1)  # the data side of a step: build (pack) a fresh training batch
-    res_data = {'data_ms_per_batch': 1e3 * timed(lambda: dataset.get('train', next(steps)), torch.device('cpu'))}
+    res_data = {'data_ms_per_batch': 1e3 * timed(lambda: dataset.get('train', next(steps)), torch.device('cpu')),
+                **data_wait(step, dataset, cfg['data_workers'], device)}
     tokens = cfg['batch_size'] * cfg['block_size']
     n_active = model.count_params()['active']
     flops_per_token = model.flops_per_token()
@@ -107,6 +115,25 @@ def bench_train(cfg, device):
     if cfg['profile']:
         res['profile'] = profile_step(step, device)
     return res
+
+
+def data_wait(step, dataset, workers, device, n_steps=None):
+    """Steps fed by train.py's loader (data_workers background processes, or built in the loop with 0): the
+    share of the wall time spent waiting for the next batch, after a warm-up of one prefetch round."""
+    n_steps = n_steps or 4 * repeats
+    batches = Loader(dataset, 0, workers=workers, pin=device.type == 'cuda')
+    for _ in range(2 * max(1, workers)):
+        step(next(batches)[2].to(device))
+    waited = 0.0
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        t1 = time.perf_counter()
+        b = next(batches)[2].to(device)
+        waited += time.perf_counter() - t1
+        step(b)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return {'data_workers': workers, 'data_wait_share': waited / (time.perf_counter() - t0)}
 
 
 def profile_step(step, device, n_steps=3, top=12):
@@ -213,16 +240,60 @@ def bench_sampling(device):
     return res
 
 
+def gpu_suite(defaults, cfg, device, name):
+    """Issue 19's check in one command: the CUDA tests, the dense paper-scale step with compile off and on
+    (MFU), the MoE step against it (moe_vs_dense, tokens/s), the MoE layer grouped vs loop at E = 64, and the
+    share of the step spent waiting for data with 4 background workers. One JSON, named after the GPU."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', 'test_cuda.py'], capture_output=True,
+                       text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    res = {'device': name, 'torch': torch.__version__, 'test_cuda': {
+        'returncode': r.returncode, 'summary': (r.stdout.strip().splitlines() or [''])[-1]}}
+    print(f"[test_cuda.py] {res['test_cuda']['summary']}", flush=True)
+    # one 4,096-token row a step, a small picture pool (224-pixel latents of 16,384 pictures would be 5 GB)
+    shapes = ['--batch_size=1', '--n_images=256', '--rae_images=256', '--data_workers=4']
+    for tag, path, compiled in (('dense_eager', cfg['suite_dense'], False),
+                                ('dense_compiled', cfg['suite_dense'], True),
+                                ('moe', cfg['suite_moe'], None)):
+        if compiled is None:  # the MoE step in whichever mode the dense one was faster
+            compiled = res['dense_compiled']['tokens_per_s'] > res['dense_eager']['tokens_per_s']
+        print(f"[{tag}] {path} ...", flush=True)
+        run_cfg = configure(defaults, [*path.split(','), *shapes, f'--compile={compiled}', f'--device={cfg["device"]}'])
+        res[tag] = bench_train(run_cfg, device)
+        print(f"  {res[tag]['ms_per_step']:.1f} ms, {res[tag]['tokens_per_s']:.0f} tokens/s, "
+              f"MFU {res[tag].get('mfu', float('nan')):.3f}, data wait {res[tag]['data_wait_share']:.1%}", flush=True)
+    best = max(res['dense_eager']['tokens_per_s'], res['dense_compiled']['tokens_per_s'])
+    res['moe_vs_dense'] = res['moe']['tokens_per_s'] / best
+    print("[moe layer] ...", flush=True)
+    res['moe_layer'] = bench_moe({**cfg, 'moe_pools': '64'}, device)
+    res['seconds'] = time.time() - t0
+    path = (cfg['out'] if cfg['out'] != out else  # --out, or docs/ named after the GPU
+            os.path.join('docs', f"bench_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}.json"))
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(res, f, indent=1, default=str)
+    print(f"moe_vs_dense {res['moe_vs_dense']:.2f}; wrote {path} in {res['seconds']:.0f} s")
+
+
 def main(argv):
     """The train step is timed on train.py's config (its knobs, config files and all), plus this file's."""
     own, run = knobs(globals()), knobs(vars(train))
     help_sections = [('bench (bench.py)', list(own), __file__), ('run (train.py)', list(run), train.__file__),
                      *pipeline.help_sections()]
-    cfg = configure({**pipeline.run_knobs(), **run, **own}, argv, __doc__, help_sections)
+    defaults = {**pipeline.run_knobs(), **run, **own}
+    cfg = configure(defaults, argv, __doc__, help_sections)
     globals().update({k: cfg[k] for k in ('repeats', 'warmup')})
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
     device = resolve_device(cfg['device'])
+    if cfg['suite'] not in ('', 'gpu'):
+        fail(f"--suite must be gpu (or empty), got {cfg['suite']!r}")
+    if cfg['suite'] == 'gpu':
+        if device.type != 'cuda' and cfg['device'] != 'cpu':
+            fail("--suite=gpu needs a CUDA GPU (--device=cpu runs it here as a dry run, with small configs: "
+                 "--suite_dense=config/smoke.py --suite_moe=config/smoke.py,config/moe.py)")
+        name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu dry run'
+        return gpu_suite(defaults, cfg, device, name)
     sections = {'train': lambda: bench_train(cfg, device), 'attention': lambda: bench_attention(device),
                 'moe': lambda: bench_moe(cfg, device), 'sampling': lambda: bench_sampling(device)}
     if cfg['only'] and cfg['only'] not in sections:

@@ -22,6 +22,7 @@ import rae
 import train
 from configurator import configure, json_line, remove_orphans
 from conftest import SMOKE, random_batch, run_script, run_train, tiny_config
+from loader import Loader
 from model import Transfusion
 from optim import configure_optimizer
 
@@ -66,7 +67,8 @@ def test_a_skipped_step_updates_nothing():
             return b
 
     cfg = {'grad_accum': 1, 'seed': 0, 'grad_clip': 1.0}
-    step = lambda position: train.train_step(m, m, opt, Poisoned(), cfg, position, False, 0, 1, False,
+    batches = Loader(Poisoned(), start=0)
+    step = lambda position: train.train_step(m, m, opt, batches, cfg, position, False, 0, 1, False,
                                              nullcontext(), 'cpu')[-1]
     assert step(0)
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -175,10 +177,11 @@ def test_sample_and_eval_refuse_bad_values(tiny_ckpt, script, args, words):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('script', ['train.py', 'eval.py', 'sample.py', 'bench.py', 'rae.py'])
+@pytest.mark.parametrize('script', ['train.py', 'eval.py', 'sample.py', 'bench.py', 'rae.py', 'scaling.py',
+                                    'study.py', 'prepare_digits.py'])
 def test_every_script_answers_help_with_its_knobs(script):
     r = run_script(script, '--help')
-    assert r.returncode == 0 and ('--seed=' in r.stdout or '--report=' in r.stdout)
+    assert r.returncode == 0 and any(f'--{k}=' in r.stdout for k in ('seed', 'report', 'size', 'preset'))
     if script == 'train.py':
         assert "--learning_rate=0.001" in r.stdout and 'peak learning rate' in r.stdout and '--tau=0.8' in r.stdout
 
@@ -323,3 +326,48 @@ def test_a_checkpoint_from_before_qk_norm_loads_without_it(tiny_ckpt, tmp_path):
     torch.save(ck, tmp_path / 'old.pt')
     net = pipeline.load_checkpoint(tmp_path / 'old.pt')[0]
     assert net.cfg.qk_norm is False and not any('gain' in n for n, _ in net.named_parameters())
+
+
+# -----------------------------------------------------------------------------
+# data off the critical path: background workers build exactly the batches of the loop, in order
+
+def same_batch(a, b):
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+
+
+def test_the_background_loader_yields_the_loops_batches_in_order_across_a_resume(tmp_path):
+    enc = rae.build_encoder({'encoder': 'pixel'})
+    dataset = data.WorldData(data.get_tokenizer('world'), enc, 256, 2, 'text=0.3,caption2image=0.3,action=0.4',
+                             n_images=64, cache_dir=str(tmp_path))
+    dataset.pool('train')
+    # rank 1 of 2 processes, 2 micro-steps a step, from position 3: what train.py's loop asks for, in order
+    direct = [(p, m, dataset.get('train', p, m * 2 + 1)) for p in range(3, 6) for m in range(2)]
+    ahead = Loader(dataset, 3, grad_accum=2, world=2, rank=1, workers=2)
+    resumed = Loader(dataset, 5, grad_accum=2, world=2, rank=1, workers=1)
+    for want, got in zip(direct + direct[4:], [next(ahead) for _ in range(6)] + [next(resumed) for _ in range(2)]):
+        assert want[:2] == tuple(got[:2]) and same_batch(want[2], got[2])
+
+
+@pytest.mark.slow
+def test_a_run_with_data_workers_ends_bit_identical_to_one_without_across_a_resume(tmp_path):
+    args = [*SMOKE, '--eval_interval=3']
+    assert run_train(*args, '--max_iters=6', f'--out_dir={tmp_path / "loop"}').returncode == 0
+    for max_iters, resume in ((3, []), (6, ['--init_from=resume'])):
+        r = run_train(*args, f'--max_iters={max_iters}', '--data_workers=2', f'--out_dir={tmp_path / "ahead"}', *resume)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('loop', 'ahead'))
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+    out = tmp_path / 'gpu.json'
+    r = run_script('bench.py', '--suite=gpu', '--device=cpu', '--suite_dense=config/smoke.py', '--repeats=1',
+                   '--warmup=1', '--suite_moe=config/smoke.py,config/moe.py', '--moe_tokens=256', f'--out={out}',
+                   timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res['device'] == 'cpu dry run' and 'skipped' in res['test_cuda']['summary']
+    assert res['moe_vs_dense'] > 0 and 0 <= res['dense_eager']['data_wait_share'] <= 1
+    assert res['dense_compiled']['config']['compile'] and res['moe']['config']['ffn'] == 'moe'
+    assert res['moe_layer']['E64_fast_over_loop'] > 0

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import pipeline
 import rae
 from configurator import configure, fail, json_line, knobs, precision, resolve_device, seed_of
+from loader import Loader
 from model import Transfusion
 from optim import configure_optimizer
 
@@ -40,6 +41,7 @@ seed = 1337               # weights, batches, t and noise all follow from it
 device = 'auto'           # auto | cpu | cuda | cuda:N
 dtype = 'auto'            # auto (bf16 on CUDA and CPUs with native bf16, else fp32) | float32 | bfloat16
 grad_accum = 1            # micro-batches per step (each batch_size rows, per process)
+data_workers = 0          # background processes building the next batches (0: built in the loop; loader.py)
 # optimiser (Transfusion's AdamW settings, docs/paper.md §5; optim.py)
 optimizer = 'adamw'       # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
 learning_rate = 1e-3      # peak learning rate (AdamW)
@@ -83,6 +85,8 @@ def check_loop_knobs(cfg):
     for k in ('max_iters', 'grad_accum', 'eval_interval', 'eval_batches', 'log_interval'):
         if cfg[k] < 1:
             fail(f"{k} must be at least 1, got {cfg[k]}")
+    if cfg['data_workers'] < 0:
+        fail(f"data_workers must not be negative, got {cfg['data_workers']}")
     if cfg['learning_rate'] <= 0 or cfg['min_lr'] < 0 or cfg['warmup_iters'] < 0 or cfg['lr_decay_iters'] < 0:
         fail("learning_rate must be positive; min_lr, warmup_iters and lr_decay_iters not negative")
     if cfg['grad_clip'] < 0 or cfg['weight_decay'] < 0 or not (0 <= cfg['beta1'] < 1 and 0 <= cfg['beta2'] < 1):
@@ -140,10 +144,11 @@ def load_state(model, optimizer, ck, sharded):
         optimizer.load_state_dict(ck['optimizer'])
 
 
-def train_step(model, raw_model, optimizer, dataset, cfg, position, ddp, rank, world, sharded, ctx, device):
-    """One optimizer step at data position `position`: grad_accum micro-batches, the gradient norm, and the
-    update only if the loss and the gradient norm are finite on every rank (a skipped step changes nothing).
-    Returns (lm, flow, total losses as a tensor, MoE counts or 0, grad norm, whether it was applied)."""
+def train_step(model, raw_model, optimizer, batches, cfg, position, ddp, rank, world, sharded, ctx, device):
+    """One optimizer step at data position `position` (its grad_accum micro-batches are the next ones of
+    `batches`, a loader.Loader): the gradient norm, and the update only if the loss and the gradient norm
+    are finite on every rank (a skipped step changes nothing). Returns (lm, flow, total losses as a tensor,
+    MoE counts or 0, grad norm, whether it was applied)."""
     sums = torch.zeros(3, device=device)  # lm, flow, total (micro-step averages)
     counts = 0
     for micro in range(cfg['grad_accum']):
@@ -151,7 +156,9 @@ def train_step(model, raw_model, optimizer, dataset, cfg, position, ddp, rank, w
         # noise) as 2 processes x grad_accum 1, and a resumed run needs nothing but the position
         g = micro * world + rank
         torch.manual_seed(seed_of(cfg['seed'], position, g))
-        batch = dataset.get('train', position, g).to(device)
+        at, m, batch = next(batches)
+        assert (at, m) == (position, micro), f"the loader is at {(at, m)}, the step at {(position, micro)}"
+        batch = batch.to(device)
         sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
         if sharded:
             raw_model.set_requires_gradient_sync(sync)
@@ -237,6 +244,8 @@ def main(argv):
         pipeline.save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step,
                                  {'encoder': encoder.state_dict(), 'skipped': skipped}, sharded)
 
+    batches = Loader(dataset, step + skipped, cfg['grad_accum'], world, rank, cfg['data_workers'],
+                     pin=device.type == 'cuda')
     stop = []  # SIGTERM (a scheduler's preemption): finish the step, save, exit cleanly
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * world
@@ -260,7 +269,7 @@ def main(argv):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g['lr'] = lr * g.get('lr_scale', 1.0)  # (checkpoints from before optim.py have no lr_scale)
-        sums, moe_counts, grad_norm, ok = train_step(model, raw_model, optimizer, dataset, cfg, step + skipped,
+        sums, moe_counts, grad_norm, ok = train_step(model, raw_model, optimizer, batches, cfg, step + skipped,
                                                      ddp, rank, world, sharded, ctx, device)
         if not ok:
             what = f"the loss is {sums[2].item()} and the gradient norm {grad_norm.item()} at step {step}"
