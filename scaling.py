@@ -47,7 +47,7 @@ from sweep import Run, read_results, run_sweep
 
 # -----------------------------------------------------------------------------
 preset = 'cpu'            # cpu | gpu: budgets, ladder, batch and mixture (PRESETS; a flag overrides any of them)
-budgets = ''              # FLOP budgets C, comma-separated ('' = the preset's for this ffn)
+budgets = '4e12,1.3e13,4e13'  # FLOP budgets C, comma-separated (PRESETS: ffn=moe has its own)
 depths = '1,2,3,4,5,6,7,8'  # the ladder: depths L (width aspect * L); each budget takes `sizes` of them
 aspect = 32               # d_model per layer
 head_dim = 32             # n_head = d_model / head_dim (as many key/value heads)
@@ -63,13 +63,14 @@ fit_only = False          # True: fit and plot the runs already in out_dir, trai
 n_boot = 1000             # bootstrap resamples of the runs for the intervals on a and b
 # -----------------------------------------------------------------------------
 # Text and caption->image documents, half the tokens each (the default mixture gives text 4% of its tokens: the
-# language optimum then lies below the smallest model, README "Scaling laws"). The MoE steps cost ~1.7x the
-# dense ones on a CPU, so its CPU budgets are 2/3 of the dense ones (both sweeps about an hour on 2 cores).
+# language optimum then lies below the smallest model, README "Scaling laws"). 'moe': what changes with
+# ffn=moe: an MoE step costs ~1.6x a dense one on a CPU, so its CPU sweep has 4 sizes a budget, a little less
+# compute (both about an hour on 2 cores).
 PRESETS = {
-    'cpu': dict(budgets='4e12,1.3e13,4e13', moe_budgets='2.5e12,8e12,2.5e13', depths='1,2,3,4,5,6,7,8', steps=500,
-                eval_batches=16, mixture='text=0.6,caption2image=0.4'),
-    'gpu': dict(budgets='1e15,3e15,1e16,3e16', moe_budgets='1e15,3e15,1e16,3e16', depths='2,3,4,5,6,7,8,10,12,14,16',
-                steps=2000, max_batch=512, eval_batches=32, mixture='text=0.6,caption2image=0.4'),
+    'cpu': dict(budgets='4e12,1.3e13,4e13', depths='1,2,3,4,5,6,7,8', steps=500, eval_batches=16,
+                mixture='text=0.6,caption2image=0.4', moe=dict(budgets='3e12,1e13,3e13', sizes=4)),
+    'gpu': dict(budgets='1e15,3e15,1e16,3e16', depths='2,3,4,5,6,7,8,10,12,14,16', steps=2000, max_batch=512,
+                eval_batches=32, mixture='text=0.6,caption2image=0.4', moe={}),
 }
 PER_RUN = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_ff', 'batch_size', 'max_iters', 'warmup_iters',
            'learning_rate', 'min_lr', 'lr_decay_iters', 'eval_interval', 'out_dir', 'init_from', 'meta')  # per run
@@ -391,10 +392,10 @@ def main(argv):
     sections = [('scaling (scaling.py)', list(own), __file__),
                 ('every run (train.py; set per run here: ' + ', '.join(PER_RUN) + ')',
                  [k for k in knobs(vars(train)) if k not in PER_RUN], train.__file__), *pipeline.help_sections()]
-    settings = {k: v for k, v in PRESETS[name].items() if k != 'moe_budgets'}
-    cfg = configure({**run, **own, **settings, 'budgets': ''}, argv, __doc__, sections)
-    if not cfg['budgets']:
-        cfg['budgets'] = PRESETS[name]['moe_budgets' if cfg['ffn'] == 'moe' else 'budgets']
+    settings = {k: v for k, v in PRESETS[name].items() if k != 'moe'}
+    cfg = configure({**run, **own, **settings}, argv, __doc__, sections)
+    if cfg['ffn'] == 'moe':  # the preset's MoE values, where no flag set the knob
+        cfg.update({k: v for k, v in PRESETS[name]['moe'].items() if not any(a.startswith(f'--{k}=') for a in argv)})
     for k in PER_RUN:
         if k != 'out_dir' and cfg[k] != run[k]:
             fail(f"scaling.py sets {k} for each run (the ladder and the size rule); set --depths, --aspect, "

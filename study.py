@@ -72,8 +72,10 @@ METRICS = {
 }
 
 
-def arm(name, label, steps, **args):
-    return {'name': name, 'label': label, 'steps': steps, 'args': args}
+def arm(name, label, steps, only=None, **args):
+    """One arm: train.py knobs beside the study's base; `only`: the eval.py parts it is scored on, if not
+    the study's."""
+    return {'name': name, 'label': label, 'steps': steps, 'only': only, 'args': args}
 
 
 def equal_tokens(kind, steps, mixture, ref_mixture, tok):
@@ -88,7 +90,7 @@ def encoders(cfg, tok):
     # DINOv2's latent is 384 wide: the model is 384 wide for every arm (the RAE width rule, docs/paper.md §6)
     base = dict(mixture=NO_CLIPS, d_model=384, n_head=12, n_kv_head=6, d_ff=1152)
     return dict(
-        base=base, eval=['--only=generation,understanding', '--n_prompts=32', '--n_per_cell=40'],
+        base=base, only='generation,understanding', eval=['--n_prompts=32', '--n_per_cell=40'],
         arms=[arm('pixel', 'pixel patches (8x8x3 = 192-d)', s, encoder='pixel'),
               arm('vit', 'vit, MAE-pretrained here (64-d)', s, encoder='vit'),
               arm('dinov2', 'DINOv2 ViT-S/14 (384-d)', s, encoder='dinov2', encoder_path=cfg['dinov2_path'])],
@@ -104,19 +106,19 @@ def synergy(cfg, tok):
     s = 600
     tm, g1 = 'text=0.6,caption2image=0.2,image2caption=0.1,qa=0.1', 'caption2image=0.4,text=0.6'
     q1, q2 = 'qa=0.5,caption2image=0.25,image2caption=0.25', 'qa=0.5,text=0.5'
-    ev = ['--only=generation,understanding', '--n_prompts=32', '--n_per_cell=40']
     return dict(
-        base=dict(), eval=ev,
-        arms=[arm('text_only', '(a) text only', s, mixture='text=1'),
+        base=dict(), eval=['--n_prompts=32', '--n_per_cell=40'],
+        arms=[arm('text_only', '(a) text only', s, 'losses', mixture='text=1'),
               arm('text_mm', '(a) text + image-text, equal text tokens', equal_tokens('text', s, tm, 'text=1', tok),
-                  mixture=tm),
-              arm('t2i_only', '(b) caption->image only', s, mixture='caption2image=1'),
+                  'losses', mixture=tm),
+              arm('t2i_only', '(b) caption->image only', s, 'generation', mixture='caption2image=1'),
               arm('t2i_text', '(b) caption->image + text, equal image tokens',
-                  equal_tokens('caption2image', s, g1, 'caption2image=1', tok), mixture=g1),
-              arm('qa_only', '(c) QA only', s, mixture='qa=1'),
+                  equal_tokens('caption2image', s, g1, 'caption2image=1', tok), 'generation', mixture=g1),
+              arm('qa_only', '(c) QA only', s, 'understanding', mixture='qa=1'),
               arm('qa_imagetext', '(c) QA + image-text, equal QA tokens', equal_tokens('qa', s, q1, 'qa=1', tok),
-                  mixture=q1),
-              arm('qa_text', '(c) QA + text, equal QA tokens', equal_tokens('qa', s, q2, 'qa=1', tok), mixture=q2)],
+                  'understanding', mixture=q1),
+              arm('qa_text', '(c) QA + text, equal QA tokens', equal_tokens('qa', s, q2, 'qa=1', tok),
+                  'understanding', mixture=q2)],
         columns=['text', 'caption', 'diffusion', 'gen', 'shape', 'qa'],
         compare=[('text_mm', 'text_only', ['text']), ('t2i_text', 't2i_only', ['diffusion', 'gen']),
                  ('qa_imagetext', 'qa_only', ['qa']), ('qa_text', 'qa_only', ['qa'])],
@@ -136,7 +138,7 @@ def world(cfg, tok):
         return f"{rest}action={p:g}"
     shares = (0, 0.01, 0.1, 0.25, 1.0)
     return dict(
-        base=dict(), eval=['--only=world'],
+        base=dict(), only='world', eval=[],
         arms=[arm(f"clips_{round(100 * p)}", f"{100 * p:g}% action clips", s, mixture=mixture(p)) for p in shares],
         columns=['ate', 'rpe', 'plan', 'clip', 'text'],
         compare=[*[(f"clips_{round(100 * p)}", 'clips_100', ['ate', 'plan']) for p in shares[1:-1]],
@@ -151,7 +153,7 @@ def moe(cfg, tok):
     s = 600
     m = dict(ffn='moe', moe_d_expert=192)          # 4 active experts of 192 = one 768-wide FFN per token
     return dict(
-        base=dict(mixture=NO_CLIPS), eval=['--only=generation,understanding', '--n_prompts=32', '--n_per_cell=40'],
+        base=dict(mixture=NO_CLIPS), only='generation,understanding', eval=['--n_prompts=32', '--n_per_cell=40'],
         arms=[arm('dense', 'dense: one FFN for all tokens', s, ffn='dense'),
               arm('modality', 'per-modality FFNs (the default)', s, ffn='modality'),
               arm('moe_modality', 'MoE 14 routed + 2 per-modality shared, 4 active', s, **m, moe_experts=14,
@@ -174,7 +176,22 @@ def moe(cfg, tok):
                "saturates at G = 4, language at 16; shared experts none / global / per-modality: DCLM PPL 14.802 "
                "/ 14.794 / 14.785, GenEval 0.360 / 0.364 / 0.367; with RAE latents x-pred beats v-pred"),
         note="all MoE arms have 4 active experts of 192 (or one of 768, or 8 of 96) = one 768-wide FFN per token; "
-             "G arms and the shared-expert arms hold 4 FFNs' worth of experts per layer (16 x 192)")
+             "G arms and the shared-expert arms hold 4 FFNs' worth of experts per layer (16 x 192)",
+        extra=specialisation)
+
+
+def specialisation(rows):
+    """The per-layer expert table of the MoE arm with per-modality shared experts (eval.py's routing counts on
+    held-out text, caption->image and image->caption batches; S >= 0.5 text, S <= -0.5 vision)."""
+    table = value(rows['moe_modality'][0], 'eval.experts')
+    if not table:
+        return ''
+    head = ['layer', *map(str, range(len(table)))]
+    lines = ['Experts of the moe_modality arm by layer (14 routed + the 2 shared):', '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for key, label in (('n_text', 'text'), ('n_vision', 'vision'), ('n_multimodal', 'multimodal'), ('n_dead', 'dead')):
+        lines.append('| ' + ' | '.join([label, *(str(row[key]) for row in table)]) + ' |')
+    return '\n'.join(lines) + '\n'
 
 
 BUILD = {'encoders': encoders, 'synergy': synergy, 'world': world, 'moe': moe}
@@ -250,7 +267,9 @@ def runs_of(name, study, cfg, passthrough, seeds_of):
             args = {**passthrough, **study['base'], **a['args'], 'batch_size': scale['batch_size'],
                     'max_iters': steps, 'eval_interval': max(1, steps // 4), 'warmup_iters': min(100, steps // 10),
                     'seed': seed}
-            runs.append(Run(f"{a['name']}_s{seed}", args, cost=steps, evaluate=[*study['eval'], *scale['eval']],
+            only = a['only'] or study.get('only', '')
+            runs.append(Run(f"{a['name']}_s{seed}", args, cost=steps,
+                            evaluate=[f'--only={only}', *study['eval'], *scale['eval']],
                             meta={'arm': a['name'], 'label': a['label'], 'study': name}))
     return runs
 
@@ -276,7 +295,8 @@ def markdown(name, study, rows, results):
         d = '–' if v['difference'] is None else f"{v['difference']:+.4f}"
         res = {True: f"yes: {v['better']} better", False: 'no (within noise)', None: '–'}[v['resolved']]
         lines.append(f"| {v['a']} vs {v['b']} | {METRICS[v['metric']][0]} | {d} | {v['seeds']} | {res} |")
-    return '\n'.join(lines) + '\n'
+    extra = study['extra'](rows) if 'extra' in study else ''
+    return '\n'.join(lines) + '\n' + ('\n' + extra if extra else '')
 
 
 def run_study(name, cfg, tok, passthrough):
