@@ -31,7 +31,6 @@ A finished run is read back, never rerun; a killed sweep continues where it stop
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -43,7 +42,7 @@ import rae
 import train
 from configurator import configure, fail, finite_or_null, knobs
 from model import Transfusion
-from sweep import Run, read_results, run_sweep
+from sweep import Run, git_commit, read_results, run_sweep
 
 # -----------------------------------------------------------------------------
 preset = 'cpu'            # cpu | gpu: budgets, ladder, batch and mixture (PRESETS; a flag overrides any of them)
@@ -311,14 +310,6 @@ def table(sweeps):
             lines.append(f"{f'paper, {label}, {name}':40s} {a:6.2f} {b:6.2f} {a + b:6.2f}")
     lines.append(f"{'Chinchilla, language':40s} {CHINCHILLA[0]:6.2f} {CHINCHILLA[1]:6.2f} {sum(CHINCHILLA):6.2f}")
     return '\n'.join(lines)
-
-
-def git_commit():
-    try:
-        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def report(cfg, rows, ffn):

@@ -35,8 +35,7 @@ import pipeline
 import rae
 import train
 from configurator import configure, fail, finite_or_null, knobs
-from scaling import git_commit
-from sweep import Run, run_sweep
+from sweep import Run, git_commit, run_sweep
 
 # -----------------------------------------------------------------------------
 preset = 'cpu'            # cpu | gpu: the steps and batch of every arm (gpu: 4x the steps of 4x the rows) | smoke

@@ -42,6 +42,14 @@ class Run:
     meta: dict = field(default_factory=dict)  # copied into its row (budget, parameter counts, arm labels, ...)
 
 
+def git_commit():
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def read_results(folder):
     """{run name: its last row} from a sweep folder's results file (empty if there is none yet)."""
     path = os.path.join(folder, RESULTS)
