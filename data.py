@@ -176,13 +176,14 @@ def world_document(kind, rng, pool, p_uncond=0.0):
     scenes, latents = pool
     i = int(rng.integers(len(scenes)))
     scene, z = scenes[i], torch.from_numpy(np.asarray(latents[i], dtype=np.float32))
-    caption = scene if isinstance(scene, str) else world.caption(scene, rng)
+    def caption():  # drawn only where used, so a qa document's random stream is its questions alone
+        return scene if isinstance(scene, str) else world.caption(scene, rng)
     if kind == 'caption2image':
         # classifier-free guidance: 10% of generation documents lose their caption (docs/paper.md §4)
-        text = '' if rng.random() < p_uncond else caption
+        text = '' if rng.random() < p_uncond else caption()
         return [text, Visual(None, True, z)] if text else [Visual(None, True, z)]
     if kind == 'image2caption':
-        return [Visual(None, False, z), caption]
+        return [Visual(None, False, z), caption()]
     if kind == 'qa':  # several questions per picture, one per line (multi-turn VQA): see QA_PER_PICTURE
         lines = (f"q: {q} a: {a}" for q, a in (world.question_answer(scene, rng) for _ in range(QA_PER_PICTURE)))
         return [Visual(None, False, z), '\n'.join(lines)]

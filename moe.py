@@ -197,6 +197,8 @@ class MoE(nn.Module):
         # slices are slower than fp32 ones: on CPU the experts run in fp32 (a 4-layer, 128-wide MoE model's
         # step: 474 -> 244 ms, README "Speed"); CUDA keeps bf16, where the grouped kernel is fast
         cpu_amp = x_TD.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+        if cpu_amp and path == 'grouped' and torch.compiler.is_compiling():
+            path = 'loop'  # torch 2.13's fake (compile-time) _grouped_mm on CPU accepts bf16 only
         with torch.autocast('cpu', enabled=False) if cpu_amp else nullcontext():
             x_in = x_TD.float() if cpu_amp else x_TD
             y_TD = self._routed(x_in, gate_TK, idx_TK, path)
