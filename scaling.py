@@ -17,10 +17,11 @@ the next ladder size beyond it (up to `extend` more), and is flagged if it still
 The rule for each run (stated once, here): every run takes `steps` optimizer steps, its batch D / (block_size
 * steps) rows (rounded; at most max_batch), so a small model trains on its many tokens in big batches and a
 large one on its few in small ones (with one batch for every size, the largest models of a budget got ~100
-steps and the smallest 3,000; with powers of two, neighbouring sizes jumped between 8 and 64 rows); learning rate = lr_ref * sqrt(d_ref / d_model) with d_ref = 256, the default
-model's width, where lr_ref = 1e-3 is the default run's rate; warmup = min(100, max_iters / 10); cosine to a
-tenth of the peak at the last step. Every run uses train.py's other defaults (encoder, seed, ...) and the
-preset's mixture; any train.py knob given here applies to every run.
+steps and the smallest 3,000; with powers of two, neighbouring sizes jumped between 8 and 64 rows); learning
+rate = lr_ref * sqrt(d_ref / d_model) with d_ref = 256, the default model's width, where lr_ref = 1e-3 is the
+default run's rate; warmup = min(100, max_iters / 10); cosine to a tenth of the peak at the last step. Every
+run uses train.py's other defaults (encoder, seed, ...) and the preset's mixture; any train.py knob given here
+applies to every run.
 
 Each sweep lives in out_dir/<ffn>/ (one folder per run, runs.jsonl with every run's row: config, N active
 and total, tokens, FLOPs, wall time, final held-out losses); the fit goes to out_dir/scaling_<ffn>.json and

@@ -7,6 +7,7 @@ The paper's four findings in miniature (docs/paper.md §6, §8): one command per
     python study.py moe          # (iv)  dense vs per-modality vs MoE; granularity; shared experts; v vs x
     python study.py all          # the four, one after the other
     python study.py moe --preset=gpu    # longer runs on bigger batches (the CPU preset: about an hour a study)
+    python study.py all --preset=quarter    # a quarter of the CPU steps: all four in about an hour
 
 Each arm is an ordinary train.py run that differs from its study's base in one factor, scored by eval.py
 (the parts its study reads). Arms run through sweep.py, each in out_dir/<study>/<arm>/ with one results file
@@ -38,7 +39,7 @@ from configurator import configure, fail, finite_or_null, knobs
 from sweep import Run, git_commit, run_sweep
 
 # -----------------------------------------------------------------------------
-preset = 'cpu'            # cpu | gpu: the steps and batch of every arm (gpu: 4x the steps of 4x the rows) | smoke
+preset = 'cpu'            # cpu | quarter (a quarter of cpu's steps) | gpu (4x the steps of 4x the rows) | smoke
 repeat = True             # train both arms of a comparison within its noise again with seed 2
 out_dir = 'out-study'     # one folder per study, the reports beside them
 dinov2_path = '../shared/weights/dinov2-vits14'  # encoders: the DINOv2 checkpoint (a folder or a Hugging Face repo id)
@@ -46,7 +47,8 @@ nproc = 1                 # processes per run (> 1: torchrun --standalone --npro
 # -----------------------------------------------------------------------------
 STUDIES = ('encoders', 'synergy', 'world', 'moe')
 # steps: a multiple of each arm's; eval: flags after the study's (a tiny scale for the tests)
-SCALE = {'cpu': dict(steps=1, batch_size=8, eval=[]), 'gpu': dict(steps=4, batch_size=32, eval=[]),
+SCALE = {'cpu': dict(steps=1, batch_size=8, eval=[]), 'quarter': dict(steps=0.25, batch_size=8, eval=[]),
+         'gpu': dict(steps=4, batch_size=32, eval=[]),
          'smoke': dict(steps=0.01, batch_size=2, eval=['--n_batches=1', '--n_prompts=2', '--n_per_cell=1', '--steps=2',
                                                         '--n_rollouts=2', '--n_plans=1', '--plan_steps=2'])}
 PER_ARM = ('max_iters', 'eval_interval', 'warmup_iters', 'seed', 'batch_size', 'out_dir', 'init_from', 'meta')
