@@ -7,7 +7,7 @@ The paper's four findings in miniature (docs/paper.md §6, §8): one command per
     python study.py moe          # (iv)  dense vs per-modality vs MoE; granularity; shared experts; v vs x
     python study.py all          # the four, one after the other
     python study.py moe --preset=gpu    # longer runs on bigger batches (the CPU preset: about an hour a study)
-    python study.py all --preset=quarter    # a quarter of the CPU steps: all four in about an hour
+    python study.py world --preset=quarter  # a quarter of the CPU steps (world, one seed: 17 min on 2 cores)
 
 Each arm is an ordinary train.py run that differs from its study's base in one factor, scored by eval.py
 (the parts its study reads). Arms run through sweep.py, each in out_dir/<study>/<arm>/ with one results file
@@ -290,7 +290,8 @@ def markdown(name, study, rows, results):
         r = rows[a['name']]
         lines.append('| ' + ' | '.join([a['label'], str(r[0]['args']['max_iters']),
                                         *[cell(r, m) for m in study['columns']]]) + ' |')
-    lines += ['', f"(two numbers: seeds {SEEDS[0]} / {SEEDS[1]}; {study['note']})", '',
+    seeds = f"two numbers: seeds {SEEDS[0]} / {SEEDS[1]}; " if any(len(r) > 1 for r in rows.values()) else ''
+    lines += ['', f"({seeds}{study['note']})", '',
               '| comparison | number | difference | seeds | resolved |', '|---|---|---:|---:|---|']
     for v in results:
         d = '–' if v['difference'] is None else f"{v['difference']:+.4f}"
