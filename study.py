@@ -7,7 +7,7 @@ The paper's four findings in miniature (docs/paper.md §6, §8): one command per
     python study.py moe          # (iv)  dense vs per-modality vs MoE; granularity; shared experts; v vs x
     python study.py all          # the four, one after the other
     python study.py moe --preset=gpu    # longer runs on bigger batches (the CPU preset: about an hour a study)
-    python study.py world --preset=quarter  # a quarter of the CPU steps (world, one seed: 17 min on 2 cores)
+    python study.py world --preset=quarter  # a quarter of the CPU steps (~3.5 min a world arm on 2 cores)
 
 Each arm is an ordinary train.py run that differs from its study's base in one factor, scored by eval.py
 (the parts its study reads). Arms run through sweep.py, each in out_dir/<study>/<arm>/ with one results file
