@@ -115,6 +115,17 @@ def frame_cache(name, items, read, res, cache_dir, desc):
     return frame_cache(name, items, read, res, cache_dir, desc)
 
 
+def split_cache(folder, names, split, knob, what, prefix, read, res, cache_dir):
+    """frame_cache of a split's files among `names` (the held-out ones for 'val'), keyed by prefix and their
+    fingerprint: -> (frames, kept, bad, key). A split with no file stops the run."""
+    names = [n for n in names if held_out(n) == (split == 'val')]
+    if not names:
+        fail(f"{knob} {folder} has no {'held-out' if split == 'val' else 'training'} {what} ({VAL_SHARE:.0%} of "
+             f"the files are held out, by a hash of the name): add {what}s")
+    key = f"{prefix}-{fingerprint(folder, names)}"
+    return (*frame_cache(key, names, read, res, cache_dir, f"reading {len(names)} {split} {what}s"), key)
+
+
 def read_captions(folder, names):
     """{file: caption} from captions.jsonl and from <stem>.txt beside a file (the former wins)."""
     caps = {}
@@ -190,14 +201,9 @@ class ImageFolder:
     def pictures(self, split):
         """(uint8 [n, res, res, 3] memory-mapped, their captions) of a split's readable pictures."""
         if split not in self.cached:
-            names = [n for n in self.captions if held_out(n) == (split == 'val')]
-            if not names:
-                fail(f"image_folder {self.folder} has no {'held-out' if split == 'val' else 'training'} picture "
-                     f"({VAL_SHARE:.0%} of the files are held out, by a hash of the name): add pictures")
-            key = f"pictures-{split}-{self.res}-{fingerprint(self.folder, names)}"
-            frames, kept, bad = frame_cache(key, names, lambda n: read_picture(os.path.join(self.folder, n),
-                                                                               self.res)[None],
-                                            self.res, self.cache_dir, f"reading {len(names)} {split} pictures")
+            frames, kept, bad, key = split_cache(
+                self.folder, self.captions, split, 'image_folder', 'picture', f"pictures-{split}-{self.res}",
+                lambda n: read_picture(os.path.join(self.folder, n), self.res)[None], self.res, self.cache_dir)
             for name, why in bad:
                 warn(f"skipping {os.path.join(self.folder, name)}: {why}")
             self.bad += bad
@@ -240,14 +246,10 @@ class VideoFolder:
         """(uint8 frames [n, res, res, 3], [(name, first, count)]) of a split's readable videos of at least
         n_frames sampled frames."""
         if split not in self.cached:
-            names = [n for n in self.names if held_out(n) == (split == 'val')]
-            if not names:
-                fail(f"video_folder {self.folder} has no {'held-out' if split == 'val' else 'training'} video "
-                     f"({VAL_SHARE:.0%} of the files are held out, by a hash of the name): add videos")
-            key = f"frames-{split}-{self.res}-{self.fps:g}-{fingerprint(self.folder, names)}"
-            frames, kept, bad = frame_cache(
-                key, names, lambda n: video.read_video(os.path.join(self.folder, n), self.res, self.fps or None),
-                self.res, self.cache_dir, f"reading {len(names)} {split} videos")
+            frames, kept, bad, key = split_cache(
+                self.folder, self.names, split, 'video_folder', 'video', f"frames-{split}-{self.res}-{self.fps:g}",
+                lambda n: video.read_video(os.path.join(self.folder, n), self.res, self.fps or None), self.res,
+                self.cache_dir)
             short = [(n, f"{c} frames at video_fps={self.fps:g}, fewer than video_frames={n_frames}")
                      for n, s, c in kept if c < n_frames]
             for name, why in bad + short:
