@@ -26,9 +26,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity
 
-import data
 import pipeline
 import rae
+import tokenizer
 import train
 from configurator import configure, fail, knobs, precision, resolve_device
 from generate import text_to_image
@@ -226,7 +226,7 @@ def bench_sampling(device):
     torch.manual_seed(0)
     cfg = ModelConfig(block_size=512, d_model=256, n_layer=6, n_head=8, n_kv_head=4, d_ff=768)
     model = Transfusion(cfg).to(device).eval()
-    tok = data.Tokenizer()
+    tok = tokenizer.Tokenizer()
     prompt = 'a ' * 127  # 254 bytes + <BOS> + <BOI> = a 256-token prefix
     res = {}
     # with CFG the unconditional branch (<BOS><BOI>, no prefix) costs the same in both modes, which caps the

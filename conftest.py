@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 from model import ModelConfig
 from moe import MoE
 
@@ -42,7 +43,7 @@ def random_docs(rng, n_latent, d_latent, n_docs):
 def random_batch(seed=0, B=3, T=64, n_latent=4, d_latent=6):
     """(tokenizer, rows of documents, their packed Batch): byte tokens, 4 latents of 6 dims per picture."""
     rng = np.random.default_rng(seed)
-    tok = data.Tokenizer()
+    tok = tokenizer.Tokenizer()
     rows = []
     for _ in range(B):
         row, used = [], 0

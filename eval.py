@@ -270,9 +270,12 @@ def scores(cfg, model, tok, encoder, tcfg, ts, parts=PARTS):
     model only for a checkpoint that trained on action clips, unless it is asked for by name)."""
     dataset = make_dataset(tcfg, tok, encoder, None, tcfg['seed'])
     losses = held_out_losses(model, dataset, cfg['n_batches'], t_grid=ts)
-    res = {'checkpoint': cfg['ckpt'], 'text_ppl': losses['val_text_ppl'],
+    # a model that never read a text document has no text perplexity worth a number (null, not a huge one)
+    saw_text = 'text' in data.parse_mixture(tcfg['mixture'])[0]
+    res = {'checkpoint': cfg['ckpt'], 'text_ppl': losses['val_text_ppl'] if saw_text else None,
            'caption_ppl': float(np.exp(losses['val_caption_loss'])),
-           'text_loss_per_byte': losses['val_text_loss'] / text_bytes_per_token(dataset, tok, cfg['n_batches']),
+           'text_loss_per_byte': losses['val_text_loss'] / text_bytes_per_token(dataset, tok, cfg['n_batches'])
+           if saw_text else None,
            **{f'diffusion_loss_t{t:g}': losses[f'val_flow_t{t:g}_loss'] for t in ts}}
     res['diffusion_loss_mean'] = float(np.mean([res[f'diffusion_loss_t{t:g}'] for t in ts]))
     for n_obj in (1, 2) if 'generation' in parts else ():
@@ -297,8 +300,11 @@ def scores(cfg, model, tok, encoder, tcfg, ts, parts=PARTS):
 
 def print_report(res, model, tok, ts, cfg):
     print(f"\n{'metric':34s} {'value':>8s}   chance")
-    print(f"{'text ppl (text documents)':34s} {res['text_ppl']:8.3f}   {tok.vocab_size} (uniform)")
-    print(f"{'text loss per byte (nats)':34s} {res['text_loss_per_byte']:8.4f}")
+    if res['text_ppl'] is None:
+        print(f"{'text ppl (text documents)':34s} {'-':>8s}   (no text documents in the training mixture)")
+    else:
+        print(f"{'text ppl (text documents)':34s} {res['text_ppl']:8.3f}   {tok.vocab_size} (uniform)")
+        print(f"{'text loss per byte (nats)':34s} {res['text_loss_per_byte']:8.4f}")
     print(f"{'text ppl (captions)':34s} {res['caption_ppl']:8.3f}   {tok.vocab_size} (uniform)")
     for t in ts:
         print(f"{f'diffusion loss at t={t:g}':34s} {res[f'diffusion_loss_t{t:g}']:8.4f}")

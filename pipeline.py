@@ -25,6 +25,7 @@ import data
 import folders
 import model
 import rae
+import tokenizer
 from configurator import fail, save_atomic
 
 
@@ -68,7 +69,7 @@ def check(cfg):
     if name not in ('world', 'byte') and name not in tiktoken.list_encoding_names():
         fail(f"unknown tokenizer {name!r}: world, byte or a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())})")
     try:
-        tok = data.get_tokenizer(name)
+        tok = tokenizer.get_tokenizer(name)
     except Exception as e:  # tiktoken fetches its file once; offline that fails in several ways
         fail(f"cannot load the {name} tokenizer ({type(e).__name__}: {e})")
     if cfg['vocab_size'] and cfg['vocab_size'] < tok.vocab_size:
@@ -237,7 +238,7 @@ def load_checkpoint(path, device='cpu'):
     cfg = {**run_knobs(), **BEFORE_KNOB, **ck['config']}
     try:
         mcfg = model.ModelConfig(**{'qk_norm': BEFORE_KNOB['qk_norm'], **ck['model_config']})
-        tok = data.get_tokenizer(cfg['tokenizer'])
+        tok = tokenizer.get_tokenizer(cfg['tokenizer'])
         encoder = rae.build_encoder(cfg, fit=False)  # the checkpoint brings the encoder's statistics
         net = model.Transfusion(mcfg).to(device)
         net.load_state_dict(ck['model'])

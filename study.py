@@ -34,6 +34,7 @@ import numpy as np
 import data
 import pipeline
 import rae
+import tokenizer
 import train
 from configurator import configure, fail, finite_or_null, knobs
 from sweep import Run, git_commit, run_sweep
@@ -356,7 +357,7 @@ def main(argv):
         fail(f"preset must be one of {', '.join(SCALE)}, got {cfg['preset']!r}")
     if cfg['nproc'] < 1:
         fail(f"nproc must be at least 1, got {cfg['nproc']}")
-    tok = data.get_tokenizer(cfg['tokenizer'])
+    tok = tokenizer.get_tokenizer(cfg['tokenizer'])
     for name in STUDIES if names[0] == 'all' else names:
         run_study(name, cfg, tok, passthrough)
 

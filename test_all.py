@@ -24,6 +24,7 @@ import generate
 import model
 import pipeline
 import rae
+import tokenizer
 import train
 from configurator import knobs
 from conftest import HERE, SMOKE, random_batch, run_script, run_train, tiny_config
@@ -335,7 +336,7 @@ class ForceBOI(torch.nn.Module):
 
 def test_cached_and_uncached_sampling_give_the_same_tokens_and_latents():
     torch.manual_seed(0)
-    tok = data.Tokenizer()
+    tok = tokenizer.Tokenizer()
     m = Transfusion(tiny_config(block_size=128)).eval()
     torch.nn.init.normal_(m.lat_out.weight, std=0.5)  # a non-trivial velocity field
     prompt = ['a red', data.Visual(None, False, torch.randn(4, 6)), 'circle']

@@ -63,9 +63,9 @@ def test_grouped_moe_dispatch_matches_the_reference_in_bf16_on_cuda(shared):
 
 
 def test_cached_and_uncached_sampling_agree_on_cuda():
-    import data
+    import tokenizer
     torch.manual_seed(0)
-    tok = data.Tokenizer()
+    tok = tokenizer.Tokenizer()
     m = Transfusion(cuda_config()).to(cuda).eval()
     torch.nn.init.normal_(m.lat_out.weight, std=0.5)
     ids_c, _ = generate.generate(m, tok, ['a red circle'], B=2, max_new_tokens=12, temperature=1.0, seed=3,

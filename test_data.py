@@ -1,14 +1,15 @@
-"""data.py: the tokenizers (bytes, the world BPE, any tiktoken encoding), world documents and the mixture."""
+"""tokenizer.py (bytes, the world BPE, any tiktoken encoding) and data.py (world documents, the mixture)."""
 
 import numpy as np
 import pytest
 
 import data
+import tokenizer
 import world
 
 
 def test_byte_tokenizer_round_trips_and_has_specials_after_the_bytes():
-    tok = data.Tokenizer()
+    tok = tokenizer.Tokenizer()
     s = 'a red circle, top left. ünïcode'
     assert tok.decode(tok.encode(s)) == s
     assert sorted([tok.pad, tok.bos, tok.eos, tok.boi, tok.eoi, tok.img]) == list(range(256, 262))
@@ -16,7 +17,7 @@ def test_byte_tokenizer_round_trips_and_has_specials_after_the_bytes():
 
 
 def test_world_tokenizer_keeps_world_words_whole_and_still_encodes_any_text():
-    tok = data.get_tokenizer('world')
+    tok = tokenizer.get_tokenizer('world')
     line = 'q: where is the blue circle? a: top left\n'
     ids = tok.encode(line)
     assert [tok.decode([i]) for i in ids][-3:] == [' top', ' left', '\n'] and len(ids) == 13
@@ -27,8 +28,8 @@ def test_world_tokenizer_keeps_world_words_whole_and_still_encodes_any_text():
 
 def test_bpe_learning_is_deterministic_and_merges_the_most_frequent_pair_first():
     texts = ['the cat', 'the hat', 'the mat'] * 3
-    ranks = data.learn_bpe(texts)
-    assert ranks == data.learn_bpe(texts)
+    ranks = tokenizer.learn_bpe(texts)
+    assert ranks == tokenizer.learn_bpe(texts)
     assert ranks[b'th'] == 256 and ranks[b'the'] == 257   # th, he and at all occur 9 times: ties go to the larger pair
     assert b' cat' in ranks and b'the' in ranks and b' the' not in ranks   # words stay within pre-tokens
 
@@ -38,7 +39,7 @@ def test_tiktoken_tokenizer_wraps_a_bpe_encoding_without_downloading():
     ranks = {bytes([i]): i for i in range(256)}
     ranks[b'ab'] = 256
     enc = tiktoken.Encoding('tiny', pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
-    tok = data.Tokenizer(enc)
+    tok = tokenizer.Tokenizer(enc)
     ids = tok.encode('abab c')
     assert ids[:2] == [256, 256] and tok.decode(ids) == 'abab c'
     assert tok.pad == 257 and tok.vocab_size == 257 + 6

@@ -13,6 +13,7 @@ from PIL import Image
 import data
 import folders
 import rae
+import tokenizer
 import video
 import world
 from conftest import run_script, run_train
@@ -95,11 +96,13 @@ def test_a_folder_with_a_corrupt_picture_trains_names_it_once_and_new_pictures_r
     assert first < second                                # the old caches stay, new ones were built
     assert any(n.startswith('pictures-train') for n in second - first)
 
-    # a checkpoint of your pictures: held-out losses on them, the world's parser skipped; drawing a caption
+    # a checkpoint of your pictures: held-out losses on them, the world's parser skipped, no text perplexity
+    # for a model that read no text document; drawing a caption
     r = run_script('eval.py', f'--ckpt={out}/ckpt.pt', '--n_batches=1', f'--out={tmp_path / "eval.json"}')
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / 'eval.json').read_text())
     assert res['diffusion_loss_mean'] > 0 and 'gen_1obj_seen' not in res and 'understanding' not in res
+    assert res['text_ppl'] is None and res['text_loss_per_byte'] is None and res['caption_ppl'] > 1
     r = run_script('sample.py', f'--ckpt={out}/ckpt.pt', '--mode=t2i', '--n=2', '--steps=2',
                    '--prompt=a small red circle', f'--out_dir={tmp_path / "s"}')
     assert r.returncode == 0 and (tmp_path / 's' / 't2i.png').exists(), r.stderr[-2000:]
@@ -140,7 +143,7 @@ def test_a_folder_of_clips_gives_action_documents_with_its_action_lines(tmp_path
     folder = clip_folder(tmp_path / 'clips')
     enc = rae.build_encoder({'encoder': 'pixel'})
     vf = folders.VideoFolder(str(folder), 32, str(tmp_path / 'cache'), fps=0.0)
-    doc = vf.document('action', np.random.default_rng(0), 'train', 4, enc, data.get_tokenizer('world'), 100)
+    doc = vf.document('action', np.random.default_rng(0), 'train', 4, enc, tokenizer.get_tokenizer('world'), 100)
     pictures = [s for s in doc if isinstance(s, data.Visual)]
     lines = [s for s in doc if isinstance(s, str)]
     assert len(pictures) == 4 and len(lines) == 3 and all(line.startswith('action: dx=') for line in lines)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import data
 import pretrained
 import rae
+import tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent.parent / 'shared' / 'weights' / 'dinov2-vits14'
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56)
@@ -326,7 +327,7 @@ def test_a_coarser_patch_and_other_widths_round_trip_through_the_rae_and_the_pac
     assert (enc.n_tokens, enc.d_latent) == (16, 32) == (rae.n_tokens({**rae.KNOBS, **cfg}), cfg['vit_dim'])
     x = torch.rand(3, 3, 32, 32)
     assert enc.decode(enc.encode(x)).shape == (3, 3, 32, 32)
-    ds = data.WorldData(data.get_tokenizer('world'), enc, 128, 2, 'caption2image=1,qa=1', n_images=32,
+    ds = data.WorldData(tokenizer.get_tokenizer('world'), enc, 128, 2, 'caption2image=1,qa=1', n_images=32,
                         cache_dir=str(tmp_path))
     b = ds.get('train', 0)
     blocks = b.block[b.block >= 0]

@@ -19,6 +19,7 @@ import data
 import pipeline
 import pretrained
 import rae
+import tokenizer
 import train
 from configurator import configure, json_line, remove_orphans
 from conftest import SMOKE, random_batch, run_script, run_train, tiny_config
@@ -337,7 +338,7 @@ def same_batch(a, b):
 
 def test_the_background_loader_yields_the_loops_batches_in_order_across_a_resume(tmp_path):
     enc = rae.build_encoder({'encoder': 'pixel'})
-    dataset = data.WorldData(data.get_tokenizer('world'), enc, 256, 2, 'text=0.3,caption2image=0.3,action=0.4',
+    dataset = data.WorldData(tokenizer.get_tokenizer('world'), enc, 256, 2, 'text=0.3,caption2image=0.3,action=0.4',
                              n_images=64, cache_dir=str(tmp_path))
     dataset.pool('train')
     # rank 1 of 2 processes, 2 micro-steps a step, from position 3: what train.py's loop asks for, in order

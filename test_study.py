@@ -7,6 +7,7 @@ import pytest
 
 import data
 import study
+import tokenizer
 from conftest import run_script
 
 
@@ -53,7 +54,7 @@ def test_verdicts_name_the_better_arm_for_higher_and_lower_is_better_numbers():
 
 
 def test_an_arm_with_added_data_trains_on_as_many_tokens_of_its_kind_as_the_arm_alone():
-    tok = data.get_tokenizer('world')
+    tok = tokenizer.get_tokenizer('world')
     mixed = 'qa=0.5,text=0.5'
     steps = study.equal_tokens('qa', 600, mixed, 'qa=1', tok)
     share = data.token_shares(mixed, tok, 16, 5)['qa']

@@ -231,6 +231,7 @@ import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import rae  # noqa: E402
 import generate  # noqa: E402
+import tokenizer  # noqa: E402
 from model import ModelConfig, Transfusion, dense_mask, frame_times  # noqa: E402
 
 ENC = rae.PixelEncoder(32, 8).fit(torch.rand(8, 3, 32, 32))   # 16 tokens x 192 dims: small and fast
@@ -244,7 +245,7 @@ def encoded(doc):
 
 
 def test_an_action_clip_is_one_noised_block_per_frame_each_seeing_only_the_past_and_its_action():
-    tok = data.Tokenizer()
+    tok = tokenizer.Tokenizer()
     doc = encoded(data.video_document('action', np.random.default_rng(0), 'train', 3))
     batch = data.pack([[doc]], tok, 128, ENC.d_latent)
     slots = [torch.nonzero(batch.block[0] == k).squeeze(1) for k in range(3)]
@@ -280,13 +281,13 @@ def test_action_clips_of_the_val_split_walk_held_out_maps_and_their_text_parses_
 
 
 def test_batches_with_video_documents_are_deterministic(tmp_path):
-    ds = data.WorldData(data.Tokenizer(), ENC, 256, 2, 'video=1,action=1,caption2image=1', n_images=64,
+    ds = data.WorldData(tokenizer.Tokenizer(), ENC, 256, 2, 'video=1,action=1,caption2image=1', n_images=64,
                         cache_dir=tmp_path, video_frames=3)
     a, b = ds.get('train', 4), ds.get('train', 4)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.latents, b.latents)
     assert not torch.equal(a.tokens, ds.get('train', 5).tokens)
     with pytest.raises(ValueError, match='fewer video_frames'):
-        data.WorldData(data.Tokenizer(), ENC, 64, 2, 'action=1', cache_dir=tmp_path).get('train', 0)
+        data.WorldData(tokenizer.Tokenizer(), ENC, 64, 2, 'action=1', cache_dir=tmp_path).get('train', 0)
 
 
 def tiny_model():
@@ -296,7 +297,7 @@ def tiny_model():
 
 
 def test_rollouts_with_and_without_the_cache_agree():
-    model, tok = tiny_model(), data.Tokenizer()
+    model, tok = tiny_model(), tokenizer.Tokenizer()
     frames = torch.randn(2, 2, ENC.n_tokens, ENC.d_latent)
     acts = [video.format_action(1, -2), [video.format_action(0, 3), video.format_action(-4, 4)],
             video.format_action(2, 2)]
@@ -307,7 +308,7 @@ def test_rollouts_with_and_without_the_cache_agree():
 
 
 def test_world_model_scores_compare_with_the_true_motion_and_random_plans():
-    model, tok = tiny_model(), data.Tokenizer()
+    model, tok = tiny_model(), tokenizer.Tokenizer()
     res = evaluation.world_model_error(model, tok, ENC, n=2, context=2, horizon=2, steps=2, seed=0, batch=2)
     true = np.concatenate([np.array(w[2][1:], float) for w in evaluation.heldout_walks(2, 4, 0)])
     assert np.isclose(res['rpe_still'], np.linalg.norm(true, axis=1).mean())   # no motion: error = the motion

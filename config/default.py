@@ -2,7 +2,7 @@
 # Copy this file to start your own config; every key here is a train.py global. How it was chosen: README
 # "Speedrun".
 out_dir = 'out'
-tokenizer = 'world'        # a BPE learnt from the world's own text (data.py)
+tokenizer = 'world'        # a BPE learnt from the world's own text (tokenizer.py)
 d_model = 256
 n_layer = 6
 n_head = 8
