@@ -15,13 +15,13 @@ out_dir/<study>/runs.jsonl: a finished arm is read back, never rerun, and a kill
 is out_dir/study_<study>.json (every arm's config, held-out losses and eval numbers, each comparison and its
 verdict) and out_dir/study_<study>.md (the table beside the paper's numbers).
 
-Noise. A comparison of two arms on one number is within its noise after one seed when the difference is
-below 2 standard errors for an accuracy (binomial, over the prompts or questions eval.py asked) or below the
-seed-to-seed spread of this recipe for a loss or an error (NOISE: relative, from the README's repeated runs).
-Both arms of such a comparison are then trained again with seed 2 (repeat=True) and the table shows both
-seeds. A difference is resolved when one seed puts it beyond its noise, or, with two seeds, when both agree
-on its sign and the mean difference exceeds each arm's own seed-to-seed spread (and, for an accuracy, 2
-standard errors of the mean difference).
+Noise. A comparison of two arms on one number is within its noise after one seed when the difference is below
+2 standard errors for an accuracy (binomial, over the prompts or questions eval.py asked) or below the seed-
+to-seed spread of this recipe for a loss or an error (NOISE: relative, from the README's repeated runs). Both
+arms of such a comparison are then trained again with seed 2 (repeat=True), and so are those of any comparison
+that an arm's second seed puts within its noise; the table shows both seeds. A difference is resolved when one
+seed puts it beyond its noise, or, with two seeds, when both agree on its sign and the mean difference exceeds
+each arm's own seed-to-seed spread (and, for an accuracy, 2 standard errors of the mean difference).
 """
 
 import json
@@ -232,7 +232,8 @@ def within_noise(metric, rows_a, rows_b):
     mean_a, mean_b = np.mean(va), np.mean(vb)
     d = float(mean_a - mean_b)
     if kind == 'acc':
-        se = math.sqrt(sum(v * (1 - v) / count(r, metric) for v, r in [*zip(va, rows_a), *zip(vb, rows_b)])) / len(va)
+        var = lambda vs, rows: sum(v * (1 - v) / count(r, metric) for v, r in zip(vs, rows)) / len(vs) ** 2
+        se = math.sqrt(var(va, rows_a) + var(vb, rows_b))       # of the difference of the two means
         beyond = abs(d) > 2 * max(se, 1e-12)
     else:
         beyond = abs(d) > NOISE[kind] * (abs(mean_a) + abs(mean_b)) / 2
@@ -253,6 +254,13 @@ def verdicts(study, rows):
                         'resolved': resolved,
                         'better': None if d is None else (a if (d > 0) == (METRICS[m][2] == 'acc') else b)})
     return out
+
+
+def to_repeat(study, rows):
+    """The arms to train again with seed 2: both arms of each comparison within its noise, where they have one
+    seed. Called until it names none, since an arm repeated for one comparison can unsettle another it is in."""
+    return {a for v in verdicts(study, rows) if v['resolved'] is False for a in (v['a'], v['b'])
+            if len(rows[a]) < len(SEEDS)}
 
 
 # -----------------------------------------------------------------------------
@@ -302,25 +310,26 @@ def markdown(name, study, rows, results):
     return '\n'.join(lines) + '\n' + ('\n' + extra if extra else '')
 
 
-def run_study(name, cfg, tok, passthrough):
-    study = BUILD[name](cfg, tok)
-    folder = os.path.join(cfg['out_dir'], name)
-    first = runs_of(name, study, cfg, passthrough, lambda a: [SEEDS[0]])
-    out = run_sweep(first, folder, nproc=cfg['nproc'], unit='step', desc=f"study {name}")
-    rows = {r.meta['arm']: [row] for r, row in zip(first, out)}
+def train_arms(name, study, cfg, passthrough, seeds, folder, desc):
+    """Every arm at its seeds (finished runs read back) -> {arm: [its rows, one per seed]}; stops on a failure."""
+    runs = runs_of(name, study, cfg, passthrough, lambda a: seeds[a])
+    rows = {}
+    for r, row in zip(runs, run_sweep(runs, folder, nproc=cfg['nproc'], unit='step', desc=desc)):
+        rows.setdefault(r.meta['arm'], []).append(row)
     failed = [r['name'] for rs in rows.values() for r in rs if r.get('status') != 'ok']
     if failed:
         fail(f"study {name}: {', '.join(failed)} failed (logs in {folder}); fix and rerun: finished arms are kept")
-    again = {a for v in verdicts(study, rows) if v['resolved'] is False for a in (v['a'], v['b'])}
-    if cfg['repeat'] and again:
-        runs = runs_of(name, study, cfg, passthrough, lambda a: SEEDS if a in again else [SEEDS[0]])
-        out = run_sweep(runs, folder, nproc=cfg['nproc'], unit='step', desc=f"study {name}, seed 2 of the arms within noise")
-        rows = {}
-        for r, row in zip(runs, out):
-            rows.setdefault(r.meta['arm'], []).append(row)
-        failed = [r['name'] for rs in rows.values() for r in rs if r.get('status') != 'ok']
-        if failed:
-            fail(f"study {name}: {', '.join(failed)} failed (logs in {folder}); rerun to retry them")
+    return rows
+
+
+def run_study(name, cfg, tok, passthrough):
+    study = BUILD[name](cfg, tok)
+    folder = os.path.join(cfg['out_dir'], name)
+    seeds = {a['name']: [SEEDS[0]] for a in study['arms']}
+    rows = train_arms(name, study, cfg, passthrough, seeds, folder, f"study {name}")
+    while cfg['repeat'] and (again := to_repeat(study, rows)):
+        seeds.update({a: list(SEEDS) for a in again})
+        rows = train_arms(name, study, cfg, passthrough, seeds, folder, f"study {name}, seed 2 of the arms within noise")
     results = verdicts(study, rows)
     text = markdown(name, study, rows, results)
     report = {'study': name, 'commit': git_commit(), 'preset': cfg['preset'], 'paper': study['paper'],

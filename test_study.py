@@ -53,6 +53,17 @@ def test_verdicts_name_the_better_arm_for_higher_and_lower_is_better_numbers():
     assert v['qa']['better'] == 'a' and v['text']['better'] == 'b' and v['qa']['resolved'] and v['text']['resolved']
 
 
+def test_an_arm_repeated_for_one_comparison_brings_the_other_arm_of_a_comparison_it_unsettles():
+    gen = lambda v: row(gen_1obj_seen__object=v)
+    s = {'compare': [('a', 'b', ['gen']), ('b', 'c', ['gen'])]}
+    rows = {'a': [gen(0.22)], 'b': [gen(0.03)], 'c': [gen(0.09)]}
+    assert study.to_repeat(s, rows) == {'b', 'c'}                 # a vs b is beyond 2 standard errors
+    rows.update(b=[gen(0.03), gen(0.125)], c=[gen(0.09), gen(0.06)])
+    assert study.to_repeat(s, rows) == {'a'}                      # b's second seed puts a vs b within noise
+    rows['a'].append(gen(0.22))
+    assert study.to_repeat(s, rows) == set()
+
+
 def test_an_arm_with_added_data_trains_on_as_many_tokens_of_its_kind_as_the_arm_alone():
     tok = tokenizer.get_tokenizer('world')
     mixed = 'qa=0.5,text=0.5'
