@@ -6,7 +6,7 @@ The paper's four findings in miniature (docs/paper.md §6, §8): one command per
     python study.py world        # (iii) the share of action clips in a fixed budget: 0, 1, 10, 25, 100%
     python study.py moe          # (iv)  dense vs per-modality vs MoE; granularity; shared experts; v vs x
     python study.py all          # the four, one after the other
-    python study.py moe --preset=gpu    # longer runs on bigger batches (the CPU preset: about an hour a study)
+    python study.py moe --preset=gpu    # longer runs on bigger batches (the cpu preset: about an hour a study and seed)
     python study.py world --preset=quarter  # a quarter of the CPU steps (~3.5 min a world arm on 2 cores)
 
 Each arm is an ordinary train.py run that differs from its study's base in one factor, scored by eval.py
