@@ -241,11 +241,11 @@ def bench_sampling(device):
 
 
 def gpu_suite(defaults, cfg, device, name):
-    """Issue 19's check in one command: the CUDA tests, the dense paper-scale step with compile off and on
+    """The prepared GPU check in one command: the CUDA tests, the dense paper-scale step with compile off and on
     (MFU), the MoE step against it (moe_vs_dense, tokens/s), the MoE layer grouped vs loop at E = 64, and the
     share of the step spent waiting for data with 4 background workers. One JSON, named after the GPU."""
     t0 = time.time()
-    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', 'test_cuda.py'], capture_output=True,
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', 'tests/test_cuda.py'], capture_output=True,
                        text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     res = {'device': name, 'torch': torch.__version__, 'test_cuda': {
         'returncode': r.returncode, 'summary': (r.stdout.strip().splitlines() or [''])[-1]}}

@@ -15,11 +15,7 @@ import tokenizer
 from model import ModelConfig
 from moe import MoE
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: starts subprocesses or trains for a while (deselect: -m "not slow")')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +92,7 @@ def value_and_grads(fn, m, x, g):
 
 
 def run_script(script, *args, timeout=300):
-    return subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True,
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -92,6 +92,7 @@ def test_a_study_runs_every_arm_writes_its_table_and_a_second_run_trains_nothing
     assert r.returncode == 0 and '0 to train' in r.stdout
 
 
+@pytest.mark.slow
 def test_study_refuses_an_unknown_study_and_knobs_it_sets_per_arm():
     r = run_script('study.py', 'encoder')
     assert r.returncode != 0 and 'name one study' in r.stderr

@@ -122,6 +122,7 @@ def _ddp_worker(rank, path, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_balance_loss_counts_the_load_over_all_ranks():
     """Rank 0's tokens all chose expert 0, rank 1's all chose expert 1, both with P = (0.9, 0.1): globally
     f = (1/2, 1/2) and the loss is 2 (0.45 + 0.05) = 1 on each rank; per rank it would be 1.8 and 0.2."""

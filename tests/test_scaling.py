@@ -114,6 +114,7 @@ def test_a_finished_sweep_trains_nothing_and_a_killed_one_trains_only_what_is_mi
     assert again[last]['final'] == rows[-1]['final']               # the same run, retrained from scratch
 
 
+@pytest.mark.slow
 def test_scaling_refuses_knobs_it_sets_per_run():
     r = run_script('scaling.py', '--n_layer=4')
     assert r.returncode != 0 and 'sets n_layer for each run' in r.stderr and 'Traceback' not in r.stderr

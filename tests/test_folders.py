@@ -108,6 +108,7 @@ def test_a_folder_with_a_corrupt_picture_trains_names_it_once_and_new_pictures_r
     assert r.returncode == 0 and (tmp_path / 's' / 't2i.png').exists(), r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_folder_of_mostly_bad_files_stops_with_one_sentence(tmp_path):
     folder = tmp_path / 'pics'
     folder.mkdir()
@@ -119,6 +120,7 @@ def test_a_folder_of_mostly_bad_files_stops_with_one_sentence(tmp_path):
     assert r.returncode != 0 and 'is not a folder' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_question_documents_need_the_world_and_are_refused_with_an_image_folder(tmp_path):
     r = run_train('config/smoke.py', f'--image_folder={tmp_path}', '--mixture=caption2image=0.5,qa=0.5')
     assert r.returncode != 0 and "question documents need the world's scenes" in r.stderr
@@ -153,6 +155,7 @@ def test_a_folder_of_clips_gives_action_documents_with_its_action_lines(tmp_path
     assert torch.isfinite(frame).all()
 
 
+@pytest.mark.slow
 def test_video_documents_train_from_a_folder_with_a_truncated_gif(tmp_path):
     folder = clip_folder(tmp_path / 'clips')
     r = run_train('config/smoke.py', '--max_iters=3', '--eval_interval=3', '--eval_batches=1',

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 import data
 import pretrained
 import rae
+import rae_train
 import tokenizer
 
-WEIGHTS = Path(__file__).resolve().parent.parent / 'shared' / 'weights' / 'dinov2-vits14'
+WEIGHTS = Path(__file__).resolve().parents[2] / 'shared' / 'weights' / 'dinov2-vits14'
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56)
 
 
@@ -242,7 +243,7 @@ def test_a_stage_stopped_midway_resumes_to_the_same_weights(tmp_path):
     def stage(path, stop_at=None):
         torch.manual_seed(0)
         net = torch.nn.Linear(4, 1)
-        opt = rae.adamw(net.parameters(), 0.1)
+        opt = rae_train.adamw(net.parameters(), 0.1)
 
         def step_fn(step, gen):
             if step == stop_at:
@@ -253,7 +254,7 @@ def test_a_stage_stopped_midway_resumes_to_the_same_weights(tmp_path):
             loss.backward()
             opt.step()
             return {}
-        rae.run_stage('toy', path, [net], [opt], 9, 0.1, step_fn, seed=1, save_every=3)
+        rae_train.run_stage('toy', path, [net], [opt], 9, 0.1, step_fn, seed=1, save_every=3)
         return net.weight.detach().clone()
 
     whole = stage(tmp_path / 'a.pt')
@@ -268,7 +269,7 @@ def test_decoder_training_with_the_adversarial_loss_updates_the_critic(tmp_path)
     model = rae.RAE(enc)
     images = data.world_images('train', 16)
     latents = enc.encode(data.image_tensor(images)).numpy()
-    rae.train_decoder(model, latents, images, 2, 4, tmp_path / 'd.pt', gan_weight=0.5, gan_start=0)
+    rae_train.train_decoder(model, latents, images, 2, 4, tmp_path / 'd.pt', gan_weight=0.5, gan_start=0)
     state = torch.load(tmp_path / 'd.pt', weights_only=True)['state']
     assert len(state) == 4            # decoder, critic and both optimizers are checkpointed
     assert state[3]['state']          # the critic's optimizer took steps

@@ -27,9 +27,9 @@ import rae
 import tokenizer
 import train
 from configurator import knobs
-from conftest import HERE, SMOKE, random_batch, run_script, run_train, tiny_config
-from model import (Attention, ModalityFFN, ModelConfig, Transfusion, dense_mask, flex_attention, flex_block_mask,
-                   rope_tables)
+from conftest import ROOT, SMOKE, random_batch, run_script, run_train, tiny_config
+from model import (Attention, Inputs, ModalityFFN, ModelConfig, Transfusion, dense_mask, flex_attention,
+                   flex_block_mask, rope_tables)
 from world import Obj
 
 
@@ -78,11 +78,11 @@ def test_model_forward_is_the_same_with_flex_and_sdpa():
     _, _, b = random_batch(3)
     m = Transfusion(tiny_config()).eval()
     z, t = b.latents, torch.rand(b.doc.shape)
-    args = (b.tokens, b.modality, b.block, b.doc, b.pos, z, t)
+    inp = Inputs(b.tokens, b.modality, b.block, b.doc, b.pos, z, t)
     with torch.no_grad():
-        h_sdpa = m.hidden(*args)[0]
+        h_sdpa = m.hidden(inp)[0]
         m.cfg.attn = 'flex'
-        h_flex = m.hidden(*args)[0]
+        h_flex = m.hidden(inp)[0]
     torch.testing.assert_close(h_flex, h_sdpa, atol=1e-5, rtol=1e-4)
 
 
@@ -288,7 +288,7 @@ def test_train_refuses_bad_flags_with_one_clear_sentence(args, words):
 def test_config_default_file_states_the_train_defaults():
     defaults = {**pipeline.run_knobs(), **knobs(vars(train))}
     scope = {}
-    exec(open(os.path.join(HERE, 'config', 'default.py')).read(), {}, scope)
+    exec(open(os.path.join(ROOT, 'config', 'default.py')).read(), {}, scope)
     for key, value in scope.items():
         assert defaults[key] == value, f"config/default.py says {key}={value!r}, the default is {defaults[key]!r}"
 
@@ -452,7 +452,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path):
     args = [*SMOKE, '--max_iters=16', '--eval_interval=4']
     assert run_train(*args, f'--out_dir={tmp_path / "a"}').returncode == 0
     b = tmp_path / 'b'
-    p = subprocess.Popen([sys.executable, 'train.py', *args, f'--out_dir={b}'], cwd=HERE,
+    p = subprocess.Popen([sys.executable, 'train.py', *args, f'--out_dir={b}'], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (b / 'ckpt.pt').exists() and p.poll() is None:
         time.sleep(0.002)
@@ -472,7 +472,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path):
 
 def torchrun(*args):
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'train.py', *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+                           'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -519,7 +519,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / 'run'
     p = subprocess.Popen([sys.executable, 'train.py', *SMOKE, '--max_iters=100000', '--eval_interval=100000',
-                          f'--out_dir={out}'], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          f'--out_dir={out}'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not ((out / 'log.jsonl').exists() and '"loss"' in (out / 'log.jsonl').read_text()):
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)

@@ -69,8 +69,8 @@ def test_a_skipped_step_updates_nothing():
 
     cfg = {'grad_accum': 1, 'seed': 0, 'grad_clip': 1.0}
     batches = Loader(Poisoned(), start=0)
-    step = lambda position: train.train_step(m, m, opt, batches, cfg, position, False, 0, 1, False,
-                                             nullcontext(), 'cpu')[-1]
+    run = train.Setup(cfg, torch.device('cpu'), nullcontext())
+    step = lambda position: train.train_step(m, m, opt, batches, position, run)[-1]
     assert step(0)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     state = {k: v.clone() for k, v in opt.state_dict()['state'][0].items()}
