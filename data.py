@@ -331,6 +331,11 @@ def image_tensor(images):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
 
 
+def to_uint8(images):
+    """float [B, 3, H, W] in ~[0, 1] (a decoder's output) -> uint8 [B, H, W, 3]: the inverse of image_tensor."""
+    return (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_rgb8(img):
     """Any picture array imageio returns -> uint8 [H, W, 3]: 8- or 16-bit (or bool, or float in [0, 1]),
     grayscale [H, W] or [H, W, 1], grayscale + alpha [H, W, 2], RGB, RGBA; alpha is composited over black;

@@ -29,7 +29,7 @@ from configurator import configure, fail, finite_or_null, knobs, resolve_device
 from generate import generate, rollout, text_to_image
 from moe import routing_stats
 from pipeline import held_out_losses, load_checkpoint, make_dataset
-from rae import to_uint8
+from data import to_uint8
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'      # the checkpoint to score

@@ -2,8 +2,8 @@
 Pretrained representation encoders from Hugging Face checkpoints (config.json + model.safetensors), frozen,
 for use as RAE encoders (rae.py wraps them with a trained pixel decoder).
 
-    enc = load_dinov2('../shared/weights/dinov2-vits14', res=112)   # a local folder ...
-    enc = load_dinov2('facebook/dinov2-small')                      # ... or a repo id, downloaded once
+    enc = load_dinov2('facebook/dinov2-small')          # a Hugging Face repo id, downloaded once and verified ...
+    enc = load_dinov2('weights/dinov2-vits14', res=112)  # ... or a local folder (config.json + model.safetensors)
     z = enc.encode(images)    # [B, 3, H, W] in [0, 1] -> [B, N, d], CLS/registers dropped, normalised
 
 Same boundary as rae.py's encoders: encode / fit / raw_latents, n_tokens, d_latent, res.
@@ -67,7 +67,7 @@ def read_safetensors(path):
 
 # -----------------------------------------------------------------------------
 # DINOv2 ViT. Module and parameter names follow Hugging Face's `Dinov2Model` exactly, so a checkpoint's
-# state dict loads without renaming (see ../shared/weights/dinov2-vits14/README.md for the key list).
+# state dict loads without renaming.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

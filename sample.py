@@ -25,7 +25,7 @@ import world
 from configurator import configure, fail, knobs, resolve_device
 from generate import generate, rollout, text_to_image
 from pipeline import load_checkpoint
-from rae import to_uint8
+from data import to_uint8
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/ckpt.pt'      # the checkpoint to sample from

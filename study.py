@@ -45,7 +45,7 @@ from sweep import Run, git_commit, run_sweep
 preset = 'cpu'            # cpu | quarter (a quarter of cpu's steps) | gpu (4x the steps of 4x the rows) | smoke
 repeat = True             # train both arms of a comparison within its noise again with seed 2
 out_dir = 'out-study'     # one folder per study, the reports beside them
-dinov2_path = '../shared/weights/dinov2-vits14'  # encoders: the DINOv2 checkpoint (a folder or a Hugging Face repo id)
+dinov2_path = ''          # encoders: the DINOv2 checkpoint, a local folder ('' = facebook/dinov2-small, downloaded once)
 nproc = 1                 # processes per run (> 1: torchrun --standalone --nproc_per_node=nproc)
 # -----------------------------------------------------------------------------
 STUDIES = ('encoders', 'synergy', 'world', 'moe')
