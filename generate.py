@@ -14,7 +14,7 @@ use_cache=False recomputes the whole sequence every step (the reference the cach
 import torch
 
 import flow
-from model import KVCache
+from model import Inputs, KVCache
 
 
 class Doc:
@@ -55,21 +55,22 @@ class Doc:
         self.z = torch.cat([self.z, z], 1)
         self.t = torch.cat([self.t, t], 1)
 
-    def arrays(self, start=0):
+    def inputs(self, start=0):
+        """The model's Inputs for positions start.. of the document (one document: doc id 0 throughout)."""
         B, T = self.tokens.shape
         pos = torch.arange(start, T, device=self.tokens.device).expand(B, -1)
         doc = torch.zeros(B, T - start, dtype=torch.long, device=self.tokens.device)
-        return (self.tokens[:, start:], self.modality[:, start:], self.block[:, start:], doc, pos,
-                self.z[:, start:], self.t[:, start:])
+        return Inputs(self.tokens[:, start:], self.modality[:, start:], self.block[:, start:], doc, pos,
+                      self.z[:, start:], self.t[:, start:])
 
 
 def advance(model, doc, kv):
     """Hidden states of the positions the model has not seen yet; with a cache they are stored in it."""
     if kv is None:
-        h = model.hidden(*doc.arrays())[0]
+        h = model.hidden(doc.inputs())[0]
         out = h[:, doc.seen:]
     else:
-        out = model.hidden(*doc.arrays(doc.seen), cache=kv)[0]
+        out = model.hidden(doc.inputs(doc.seen), cache=kv)[0]
     doc.seen = len(doc)
     return out
 
@@ -81,10 +82,10 @@ def peek_block(model, doc, kv, z, t):
     saved = (doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks)
     doc.add_latents(z, t)
     if kv is None:
-        h = model.hidden(*doc.arrays())[0][:, -N:]
+        h = model.hidden(doc.inputs())[0][:, -N:]
     else:
         kv.store = False
-        h = model.hidden(*doc.arrays(doc.seen), cache=kv)[0]
+        h = model.hidden(doc.inputs(doc.seen), cache=kv)[0]
         kv.store = True
     doc.tokens, doc.modality, doc.block, doc.z, doc.t, doc.n_blocks = saved
     return h

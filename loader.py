@@ -1,5 +1,5 @@
 """
-Batches built ahead of the step, in background processes (issue 19: data off the critical path).
+Batches built ahead of the step, in background processes: data off the step's critical path.
 
     batches = Loader(dataset, start=step + skipped, grad_accum=2, world=2, rank=0, workers=2, pin=True)
     position, micro, batch = next(batches)      # the batch train.py would have built for (position, micro)

@@ -276,6 +276,19 @@ class ModelConfig:
         return self.shift if self.shift > 0 else flow.shift_alpha(self.n_latent, self.d_latent)
 
 
+@dataclass
+class Inputs:
+    """What the network reads at each position of a (B, T) sequence: a packed training batch (data.Batch plus
+    its noised latents) or a document being generated (generate.Doc)."""
+    tokens: torch.Tensor    # (B, T) long: text ids; <IMG> at latent slots
+    modality: torch.Tensor  # (B, T) long: 0 text, 1 latent
+    block: torch.Tensor     # (B, T) long: visual block id within the row, -1 for text
+    doc: torch.Tensor       # (B, T) long: document id within the row, -1 for padding
+    pos: torch.Tensor       # (B, T) long: position within the document (RoPE)
+    z: torch.Tensor         # (B, T, d_latent): latent inputs at latent slots, noised or clean
+    t: torch.Tensor         # (B, T): each latent slot's time (1 = clean)
+
+
 SHAPES = ('vocab_size', 'block_size', 'd_latent', 'n_latent')  # set from the data and the encoder, not knobs
 KNOBS = {f.name: f.default for f in fields(ModelConfig) if f.name not in SHAPES}
 
@@ -356,19 +369,19 @@ class Transfusion(nn.Module):
                                                and self.cfg.d_model // self.cfg.n_head >= 16)
         return flex_block_mask(doc, block) if use_flex else dense_mask(doc, block)
 
-    def hidden(self, tokens, modality, block, doc, pos, z, t, cache=None):
-        """Final hidden states (B, T, d), and per layer the MoE aux (None for other FFNs). z (B, T, d_latent): latent inputs (noised or clean) at latent slots;
-        t (B, T): each latent slot's time (1 = clean). Every visual block is n_latent slots long, so a latent's
-        slot inside its block is its running count mod n_latent (a cached step passes whole blocks)."""
-        is_lat = (modality == 1).unsqueeze(-1)
-        slot = (torch.cumsum(modality, dim=1) - 1).clamp(min=0) % self.cfg.n_latent
-        x_lat = self.lat_in(z) + self.lat_pos[slot] + self.t_mlp(timestep_embedding(t, 256))
-        x = torch.where(is_lat, x_lat, self.tok_emb(tokens))                          # (B, T, d)
-        cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)   # (B, 1, T, hd/2)
-        mask = self.make_mask(doc, block) if cache is None or len(cache) == 0 else None
+    def hidden(self, inp, cache=None):
+        """Final hidden states (B, T, d) of the Inputs `inp`, and per layer the MoE aux (None for other FFNs).
+        Every visual block is n_latent slots long, so a latent's slot inside its block is its running count mod
+        n_latent (a cached step passes whole blocks)."""
+        is_lat = (inp.modality == 1).unsqueeze(-1)
+        slot = (torch.cumsum(inp.modality, dim=1) - 1).clamp(min=0) % self.cfg.n_latent
+        x_lat = self.lat_in(inp.z) + self.lat_pos[slot] + self.t_mlp(timestep_embedding(inp.t, 256))
+        x = torch.where(is_lat, x_lat, self.tok_emb(inp.tokens))                              # (B, T, d)
+        cos, sin = self.rope_cos[inp.pos].unsqueeze(1), self.rope_sin[inp.pos].unsqueeze(1)   # (B, 1, T, hd/2)
+        mask = self.make_mask(inp.doc, inp.block) if cache is None or len(cache) == 0 else None
         auxes = []
         for i, blk in enumerate(self.blocks):
-            x, aux = blk(x, cos, sin, mask, modality, cache, i)
+            x, aux = blk(x, cos, sin, mask, inp.modality, cache, i)
             auxes.append(aux)
         return self.norm(x), auxes
 
@@ -380,7 +393,7 @@ class Transfusion(nn.Module):
         t = frame_times(batch, self.cfg.alpha, t_fixed)
         noise = torch.randn_like(batch.latents)
         z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(batch.latents, noise, t), batch.latents)
-        h, auxes = self.hidden(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, z, t)
+        h, auxes = self.hidden(Inputs(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, z, t))
 
         text_sel = batch.targets >= 0
         logits = self.lm_head(h[text_sel]).float()

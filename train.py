@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -101,16 +102,28 @@ def check_loop_knobs(cfg):
         fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
 
 
+@dataclass
+class Setup:
+    """Where and how this process trains: what every step needs besides the model, its optimizer and data."""
+    cfg: dict              # the run's knobs
+    device: torch.device
+    ctx: object            # the forward's precision context: bf16 autocast or nothing (configurator.precision)
+    ddp: bool = False      # under torchrun: one of `world` processes
+    rank: int = 0
+    world: int = 1
+    sharded: bool = False  # FSDP2 (else DDP) when ddp
+
+
 def setup_distributed(cfg):
-    """-> (ddp, rank, world size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
+    """-> Setup (precision unset). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
     device = resolve_device(cfg['device'])
     if int(os.environ.get('RANK', -1)) == -1:
-        return False, 0, 1, device
+        return Setup(cfg, device, nullcontext())
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     if device.type == 'cuda':
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
         torch.cuda.set_device(device)
-    return True, int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
+    return Setup(cfg, device, nullcontext(), True, int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
 
 
 def count_only(cfg, tok):
@@ -124,15 +137,14 @@ def count_only(cfg, tok):
           f"paper-active (without routers and latent adapters, as docs/paper.md §1 counts)")
 
 
-def wrap(model, cfg, ddp, device):
-    """-> (model to call, sharded): FSDP2 (each block one unit of all-gather / reduce-scatter) or DDP under
-    torchrun, compiled if asked. FSDP shards in place, before the optimizer sees the parameters."""
-    sharded = ddp and cfg['fsdp']
-    if sharded:
+def wrap(model, run):
+    """FSDP2 under torchrun with fsdp=True (each block one unit of all-gather / reduce-scatter), in place,
+    before the optimizer sees the parameters; sets run.sharded."""
+    run.sharded = run.ddp and run.cfg['fsdp']
+    if run.sharded:
         for blk in model.blocks:
             fully_shard(blk)
         fully_shard(model)
-    return model, sharded
 
 
 def load_state(model, optimizer, ck, sharded):
@@ -144,30 +156,31 @@ def load_state(model, optimizer, ck, sharded):
         optimizer.load_state_dict(ck['optimizer'])
 
 
-def train_step(model, raw_model, optimizer, batches, cfg, position, ddp, rank, world, sharded, ctx, device):
+def train_step(model, raw_model, optimizer, batches, position, run):
     """One optimizer step at data position `position` (its grad_accum micro-batches are the next ones of
-    `batches`, a loader.Loader): the gradient norm, and the update only if the loss and the gradient norm
-    are finite on every rank (a skipped step changes nothing). Returns (lm, flow, total losses as a tensor,
-    MoE counts or 0, grad norm, whether it was applied)."""
-    sums = torch.zeros(3, device=device)  # lm, flow, total (micro-step averages)
+    `batches`, a loader.Loader; run: the Setup): the gradient norm, and the update only if the loss and the
+    gradient norm are finite on every rank (a skipped step changes nothing). Returns (lm, flow, total losses
+    as a tensor, MoE counts or 0, grad norm, whether it was applied)."""
+    cfg = run.cfg
+    sums = torch.zeros(3, device=run.device)  # lm, flow, total (micro-step averages)
     counts = 0
     for micro in range(cfg['grad_accum']):
         # global micro-batch index: 1 process x grad_accum 2 reads the same data (and draws the same t and
         # noise) as 2 processes x grad_accum 1, and a resumed run needs nothing but the position
-        g = micro * world + rank
+        g = micro * run.world + run.rank
         torch.manual_seed(seed_of(cfg['seed'], position, g))
         at, m, batch = next(batches)
         assert (at, m) == (position, micro), f"the loader is at {(at, m)}, the step at {(position, micro)}"
-        batch = batch.to(device)
-        sync = not ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
-        if sharded:
+        batch = batch.to(run.device)
+        sync = not run.ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
+        if run.sharded:
             raw_model.set_requires_gradient_sync(sync)
-        with (nullcontext() if sync or sharded else model.no_sync()), ctx:
+        with (nullcontext() if sync or run.sharded else model.no_sync()), run.ctx:
             loss, m = model(batch)
             (loss / cfg['grad_accum']).backward()
         sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
         counts = counts + m.get('counts', 0)
-    if ddp:  # every rank sees the same averaged losses, so all take the same branch below
+    if run.ddp:  # every rank sees the same averaged losses, so all take the same branch below
         dist.all_reduce(sums, op=dist.ReduceOp.AVG)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or math.inf)
     if hasattr(grad_norm, 'full_tensor'):  # FSDP: a DTensor
@@ -195,9 +208,10 @@ def main(argv):
         if ck['step'] >= cfg['max_iters']:
             fail(f"{ckpt_path} is already at step {ck['step']}, max_iters={cfg['max_iters']}: raise max_iters "
                  f"to train further")
-    ddp, rank, world, device = setup_distributed(cfg)
+    run = setup_distributed(cfg)
+    ddp, rank, world, device = run.ddp, run.rank, run.world, run.device
     master = rank == 0
-    dtype, ctx = precision(cfg['dtype'], device)
+    dtype, run.ctx = precision(cfg['dtype'], device)
     torch.manual_seed(cfg['seed'])  # the same initial weights on every rank
     # bit-identical reruns and resumes on CPU: embedding / index_put backward otherwise sum in thread order
     torch.use_deterministic_algorithms(device.type == 'cpu')
@@ -217,7 +231,8 @@ def main(argv):
         dist.barrier()
     raw_model = Transfusion(mcfg).to(device)
     counts = raw_model.count_params()
-    model, sharded = wrap(raw_model, cfg, ddp, device)
+    wrap(raw_model, run)
+    model, sharded = raw_model, run.sharded
     optimizer = configure_optimizer(raw_model, cfg['optimizer'], cfg['learning_rate'], cfg['muon_lr'],
                                     cfg['weight_decay'], (cfg['beta1'], cfg['beta2']), device.type)
     step, skipped = 0, 0  # optimizer steps taken; steps skipped (non-finite): the data position is their sum
@@ -254,7 +269,7 @@ def main(argv):
     while True:
         last = step == cfg['max_iters']
         if (step % cfg['eval_interval'] == 0 and in_a_row == 0) or last:
-            res = pipeline.held_out_losses(raw_model, dataset, cfg['eval_batches'], ctx)
+            res = pipeline.held_out_losses(raw_model, dataset, cfg['eval_batches'], run.ctx)
             if master:
                 tqdm.write(f"step {step}: " + ', '.join(f"{k} {v:.4f}" for k, v in res.items()))
             log_line({'step': step, **res})
@@ -269,8 +284,7 @@ def main(argv):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g['lr'] = lr * g.get('lr_scale', 1.0)  # (checkpoints from before optim.py have no lr_scale)
-        sums, moe_counts, grad_norm, ok = train_step(model, raw_model, optimizer, batches, cfg, step + skipped,
-                                                     ddp, rank, world, sharded, ctx, device)
+        sums, moe_counts, grad_norm, ok = train_step(model, raw_model, optimizer, batches, step + skipped, run)
         if not ok:
             what = f"the loss is {sums[2].item()} and the gradient norm {grad_norm.item()} at step {step}"
             if not cfg['skip_nonfinite']:
