@@ -8,6 +8,7 @@ The paper's four findings in miniature (docs/paper.md §6, §8): one command per
     python study.py all          # the four, one after the other
     python study.py moe --preset=gpu    # longer runs on bigger batches (the cpu preset: about an hour a study and seed)
     python study.py world --preset=quarter  # a quarter of the CPU steps (~3.5 min a world arm on 2 cores)
+    python study.py all --report_only=True --out_dir=docs   # docs/study_*.md again from docs/study_*.json
 
 Each arm is an ordinary train.py run that differs from its study's base in one factor, scored by eval.py
 (the parts its study reads). Arms run through sweep.py, each in out_dir/<study>/<arm>/ with one results file
@@ -15,15 +16,15 @@ out_dir/<study>/runs.jsonl: a finished arm is read back, never rerun, and a kill
 is out_dir/study_<study>.json (every arm's config, held-out losses and eval numbers, each comparison and its
 verdict) and out_dir/study_<study>.md (the table beside the paper's numbers).
 
-Noise. A comparison of two arms on one number is within its noise after one seed when the difference of a loss
-or an error is below the seed-to-seed spread of this recipe (NOISE: relative, from the README's repeated
-runs), and always for an accuracy: the seed moves a score more than its binomial standard error over the
-prompts or questions says (the default recipe's three runs answer 0.80 / 0.71 / 0.78 of 2,100 questions; the
-MoE study's x-prediction arm got 0.22 then 0.03 of 32 prompts). Both arms of such a comparison are then
-trained again with seed 2 (repeat=True), and so are those of any comparison that an arm's second seed puts
-within its noise; the table shows both seeds. A difference is resolved when one seed puts a loss or an error
-beyond its noise, or, with two seeds, when both agree on its sign and the mean difference exceeds each arm's
-own seed-to-seed spread (and, for an accuracy, 2 binomial standard errors of the mean difference).
+Noise. A comparison of two arms on one number is within its noise after one seed when the difference of a loss or
+an error is below the seed-to-seed spread of this recipe (NOISE: relative, from the speedrun's repeated runs,
+docs/speedrun.md), and always for an accuracy: the seed moves a score more than its binomial standard error over
+the prompts or questions says (the default recipe's three runs answer 0.80 / 0.71 / 0.78 of 2,100 questions; the
+MoE study's x-prediction arm got 0.22 then 0.03 of 32 prompts). Both arms of such a comparison are then trained
+again with seed 2 (repeat=True), and so are those of any comparison that an arm's second seed puts within its
+noise; the table shows both seeds. A difference is resolved when one seed puts a loss or an error beyond its
+noise, or, with two seeds, when both agree on its sign and the mean difference exceeds each arm's own seed-to-seed
+spread (and, for an accuracy, 2 binomial standard errors of the mean difference).
 """
 
 import json
@@ -47,6 +48,7 @@ repeat = True             # train both arms of a comparison within its noise aga
 out_dir = 'out-study'     # one folder per study, the reports beside them
 dinov2_path = ''          # encoders: the DINOv2 checkpoint, a local folder ('' = facebook/dinov2-small, downloaded once)
 nproc = 1                 # processes per run (> 1: torchrun --standalone --nproc_per_node=nproc)
+report_only = False       # True: rewrite out_dir's study_<name>.md from its study_<name>.json, training nothing
 # -----------------------------------------------------------------------------
 STUDIES = ('encoders', 'synergy', 'world', 'moe')
 # steps: a multiple of each arm's; eval: flags after the study's (a tiny scale for the tests)
@@ -57,7 +59,7 @@ SCALE = {'cpu': dict(steps=1, batch_size=8, eval=[]), 'quarter': dict(steps=0.25
 PER_ARM = ('max_iters', 'eval_interval', 'warmup_iters', 'seed', 'batch_size', 'out_dir', 'init_from', 'meta')
 SEEDS = (1337, 2)
 NO_CLIPS = 'text=0.1,caption2image=0.4,image2caption=0.15,qa=0.35'  # the default's mixture without its clips
-# relative seed-to-seed spread of a number (README "Speedrun": e1 vs e1b, and the default recipe's 3 runs)
+# relative seed-to-seed spread of a number (docs/speedrun.md: e1 vs e1b, and the default recipe's 3 runs)
 NOISE = {'loss': 0.03, 'error': 0.2, 'plan': 0.4}
 
 # The numbers a table shows: (label, path in a row, kind, the path of its item count for accuracies).
@@ -348,6 +350,26 @@ def run_study(name, cfg, tok, passthrough):
     print(f"wrote {os.path.join(cfg['out_dir'], f'study_{name}.json')} and .md")
 
 
+def rewrite_report(name, cfg, tok):
+    """study_<name>.md again from the committed study_<name>.json (report_only=True): the rows of every arm and
+    seed as the study wrote them, the verdicts recomputed from them, the arms' labels and the paper's numbers
+    as the JSON has them."""
+    path = os.path.join(cfg['out_dir'], f'study_{name}.json')
+    if not os.path.exists(path):
+        fail(f"report_only: no {path} to rewrite study_{name}.md from (run the study first)")
+    with open(path) as f:
+        report = json.load(f)
+    study = BUILD[name](cfg, tok)
+    labels = {a['name']: a['label'] for a in report['arms']}
+    study['arms'] = [{**a, 'label': labels[a['name']]} for a in study['arms'] if a['name'] in labels]
+    study.update(paper=report['paper'], note=report['note'])
+    rows = {a['name']: a['runs'] for a in report['arms']}
+    text = markdown(name, study, rows, verdicts(study, rows))
+    with open(os.path.join(cfg['out_dir'], f'study_{name}.md'), 'w') as f:
+        f.write(text)
+    print(f"wrote {os.path.join(cfg['out_dir'], f'study_{name}.md')} from {path}")
+
+
 def main(argv):
     names = [a for a in argv if not a.startswith('-')]
     if '--help' in argv or '-h' in argv:
@@ -370,7 +392,10 @@ def main(argv):
         fail(f"nproc must be at least 1, got {cfg['nproc']}")
     tok = tokenizer.get_tokenizer(cfg['tokenizer'])
     for name in STUDIES if names[0] == 'all' else names:
-        run_study(name, cfg, tok, passthrough)
+        if cfg['report_only']:
+            rewrite_report(name, cfg, tok)
+        else:
+            run_study(name, cfg, tok, passthrough)
 
 
 if __name__ == '__main__':
