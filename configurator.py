@@ -135,7 +135,7 @@ def native_bf16_cpu():
 def precision(dtype, device):
     """-> (dtype name, context to run the forward in): bf16 autocast (fp32 weights, optimizer and loss
     reductions) or plain fp32. 'auto' = bf16 on CUDA and on CPUs with native bf16 (the default step's matmuls
-    are 60% of its time in fp32; bf16 halves them: README "Speed"), fp32 on other CPUs."""
+    are 60% of its time in fp32; bf16 halves them: docs/speed.md), fp32 on other CPUs."""
     if dtype == 'auto':
         dtype = 'bfloat16' if device.type == 'cuda' or native_bf16_cpu() else 'float32'
     if dtype not in ('float32', 'bfloat16'):

@@ -63,7 +63,7 @@ fit_only = False          # True: fit and plot the runs already in out_dir, trai
 n_boot = 1000             # bootstrap resamples of the runs for the intervals on a and b
 # -----------------------------------------------------------------------------
 # Text and caption->image documents, half the tokens each (the default mixture gives text 4% of its tokens: the
-# language optimum then lies below the smallest model, README "Scaling laws"). 'moe': what changes with
+# language optimum then lies below the smallest model, docs/scaling.md). 'moe': what changes with
 # ffn=moe: an MoE step costs ~1.6x a dense one on a CPU, so its CPU sweep has 4 sizes a budget, a little less
 # compute (both about an hour on 2 cores).
 PRESETS = {

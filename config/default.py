@@ -1,6 +1,6 @@
 # The CPU default, written out: `python train.py` with no arguments runs exactly this (train.py's defaults).
-# Copy this file to start your own config; every key here is a train.py global. How it was chosen: README
-# "Speedrun".
+# Copy this file to start your own config; every key here is a train.py global. How it was chosen:
+# docs/speedrun.md.
 out_dir = 'out'
 tokenizer = 'world'        # a BPE learnt from the world's own text (tokenizer.py)
 d_model = 256
@@ -8,7 +8,7 @@ n_layer = 6
 n_head = 8
 n_kv_head = 4
 d_ff = 768
-qk_norm = True             # README "Speedrun": the lever that brought binding
+qk_norm = True             # docs/speedrun.md: the lever that brought binding
 ffn = 'modality'
 block_size = 256
 batch_size = 8
