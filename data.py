@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import video
@@ -65,7 +66,7 @@ class Visual:
 
 # Questions per qa document (multi-turn VQA). Only the answers depend on the picture, one or two tokens of
 # each ~13-token line, so three questions share one picture's 66 latent tokens (~110 tokens in all). With
-# bytes, 1 -> 3 changed QA 0.445 -> 0.46; with the world BPE, 3 -> 6 changed nothing (README "Results").
+# bytes, 1 -> 3 changed QA 0.445 -> 0.46; with the world BPE, 3 -> 6 changed nothing (docs/results.md).
 QA_PER_PICTURE = 3
 
 
@@ -99,14 +100,28 @@ KINDS = ('text', 'caption2image', 'image2caption', 'qa', 'video', 'action')
 PAPER_MIXTURE = 'text=0.5,caption2image=0.1125,image2caption=0.1125,video=0.25,action=0.025'
 
 
-def video_document(kind, rng, split, n_frames):
+def at_res(frames, res):
+    """uint8 [..., H, W, 3] pictures of the world (rendered at world.RES) resized to res x res (bilinear).
+    Clips are rendered at the world's own 32 pixels and then resized, rather than rendered at res: an action's
+    dx / dy, a mover's speed and the 96-pixel maps are in world pixels, so the same walk, the same action text
+    and the same motion estimate hold at every image_size (a 224² model sees the 32² world, upscaled)."""
+    frames = np.asarray(frames)
+    if frames.shape[-3:-1] == (res, res):
+        return frames
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    out = np.stack([np.asarray(Image.fromarray(f).resize((res, res), Image.BILINEAR)) for f in flat])
+    return out.reshape(*frames.shape[:-3], res, res, 3)
+
+
+def video_document(kind, rng, split, n_frames, res=world.RES):
     """A clip of n_frames pictures, each its own visual block, block-causal across frames. The last frame is
     always a TARGET; each earlier one is, with probability 1/2, a target too (noised with its own t) or else
     clean context. That is Diffusion Forcing with clean context mixed in: with t drawn per frame (shifted
     toward noise) a noised frame is almost never near-clean, yet a rollout conditions on clean frames.
     (Measured: all frames noised -> rollouts from clean context decode to patchy noise.)
     video: the motion in words, then the frames. action: an egocentric walk over a map (held-out maps in
-    the val split), the action between two frames written as text, numeric or in words."""
+    the val split), the action between two frames written as text, numeric or in words. Frames are res x res
+    (at_res)."""
     if kind == 'video':
         frames, text = video.sample_video(rng, n_frames)
         say, steps = None, [None] * (n_frames - 1)
@@ -119,7 +134,7 @@ def video_document(kind, rng, split, n_frames):
     else:
         raise ValueError(f"unknown video document kind {kind!r}")
     target = list(rng.random(n_frames - 1) < 0.5) + [True]
-    for i, frame in enumerate(frames):
+    for i, frame in enumerate(at_res(frames, res)):
         if i and say is not None:
             doc.append(say(*steps[i - 1]))
         doc.append(Visual(frame, bool(target[i])))
@@ -181,20 +196,40 @@ def token_shares(mixture, tok, n_latent, video_frames):
     return {k: m / sum(mass.values()) for k, m in mass.items()}
 
 
+def text_share(mixture, tok, n_latent, video_frames):
+    """The share of a mixture's tokens that are text (everything but latent slots): what the LM head runs on."""
+    kinds, probs = parse_mixture(mixture)
+    lengths = document_lengths(kinds, tok, n_latent, video_frames)
+    pictures = {'text': 0, 'caption2image': 1, 'image2caption': 1, 'qa': 1, 'video': video_frames,
+                'action': video_frames}
+    total = sum(p * float(np.mean(lengths[k])) for k, p in zip(kinds, probs))
+    text = sum(p * (float(np.mean(lengths[k])) - pictures[k] * n_latent) for k, p in zip(kinds, probs))
+    return text / total
+
+
 # -----------------------------------------------------------------------------
 # packing
 
 
 @dataclass
 class Batch:
+    """Packed rows. Per position, (B, T): the token layout. Per latent slot (the L positions with modality 1,
+    row-major, n_latent per visual block): where it is, whether it is a target, its clean latent (float16: the
+    latents travel only where they are). Pictures still to encode (clip frames are rendered fresh): their uint8
+    pixels and which visual block each fills; encode_pending() runs the encoder on the training device.
+    Every index is computed here, on the host, so the step on the device never waits to learn a shape."""
     tokens: torch.Tensor      # (B, T) long: text ids; <IMG> at latent slots
     targets: torch.Tensor     # (B, T) long: next text token, -1 where there is no LM loss
     modality: torch.Tensor    # (B, T) long: 0 text, 1 latent
     block: torch.Tensor       # (B, T) long: visual block id within the row, -1 for text
     doc: torch.Tensor         # (B, T) long: document id within the row, -1 for padding
     pos: torch.Tensor         # (B, T) long: position within the document (RoPE)
-    lat_target: torch.Tensor  # (B, T) bool: latent slot of a TARGET block (noised, flow loss)
-    latents: torch.Tensor     # (B, T, d) float: clean latents at latent slots, 0 elsewhere
+    text_idx: torch.Tensor    # (n,) long: positions with an LM target, as flat indices b * T + j
+    lat_idx: torch.Tensor     # (L,) long: latent slots, as flat indices b * T + j
+    lat_target: torch.Tensor  # (L,) bool: slot of a TARGET block (noised, flow loss)
+    latents: torch.Tensor     # (L, d) float16: clean latents (zeros where pending)
+    pixels: torch.Tensor      # (P, H, W, 3) uint8: pictures whose latents are still to be computed
+    pending: torch.Tensor     # (P,) long: the visual block (counted row-major over the batch) each one fills
 
     def to(self, device):
         return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
@@ -203,20 +238,31 @@ class Batch:
         return Batch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
 
 
+@torch.no_grad()
+def encode_pending(batch, encoder):
+    """Fill the latents of the batch's pending pictures with the frozen encoder, on the batch's device, in the
+    caller's precision (train.py runs it in the step's autocast), and drop the pixels. Returns the batch."""
+    if len(batch.pending):
+        z = encoder.encode(batch.pixels.permute(0, 3, 1, 2).float().div(255))   # [P, N, d]
+        batch.latents.view(-1, *z.shape[1:])[batch.pending] = z.to(batch.latents.dtype)
+        batch.pixels, batch.pending = batch.pixels[:0], batch.pending[:0]
+    return batch
+
+
 def doc_length(doc, tok, n_latent):
     return 2 + sum(len(tok.encode(s)) if isinstance(s, str) else n_latent + 2 for s in doc)
 
 
-def pack(rows, tok, T, d_latent):
-    """rows: list of lists of documents (latents already filled) -> Batch. Each row must fit in T."""
+def pack(rows, tok, T, n_latent, d_latent):
+    """rows: list of lists of documents -> Batch. Each row must fit in T. A Visual brings its latents
+    [n_latent, d], or its picture (uint8 [H, W, 3]) to be encoded later (encode_pending)."""
     B = len(rows)
     tokens = torch.full((B, T), tok.pad, dtype=torch.long)
     modality = torch.zeros(B, T, dtype=torch.long)
     block = torch.full((B, T), -1, dtype=torch.long)
     doc = torch.full((B, T), -1, dtype=torch.long)
     pos = torch.zeros(B, T, dtype=torch.long)
-    lat_target = torch.zeros(B, T, dtype=torch.bool)
-    latents = torch.zeros(B, T, d_latent)
+    visuals = []  # every visual block in row-major order: the order of the latent slots
     for b, docs in enumerate(rows):
         i, n_blocks = 0, 0
         for d, segments in enumerate(docs):
@@ -228,15 +274,13 @@ def pack(rows, tok, T, d_latent):
                     continue
                 ids.append(tok.boi)
                 j = i + len(ids)
-                n = s.latents.shape[0]
                 tokens[b, i:j] = torch.tensor(ids)
-                tokens[b, j:j + n] = tok.img
-                modality[b, j:j + n] = 1
-                block[b, j:j + n] = n_blocks
-                lat_target[b, j:j + n] = s.target
-                latents[b, j:j + n] = s.latents
+                tokens[b, j:j + n_latent] = tok.img
+                modality[b, j:j + n_latent] = 1
+                block[b, j:j + n_latent] = n_blocks
+                visuals.append(s)
                 n_blocks += 1
-                i, ids = j + n, [tok.eoi]
+                i, ids = j + n_latent, [tok.eoi]
             ids.append(tok.eos)
             if i + len(ids) > T:
                 raise ValueError(f"a document of {i + len(ids) - start} tokens does not fit in block_size {T}")
@@ -249,13 +293,26 @@ def pack(rows, tok, T, d_latent):
     targets = torch.full((B, T), -1, dtype=torch.long)
     same = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0) & (modality[:, 1:] == 0) & (modality[:, :-1] == 0)
     targets[:, :-1] = torch.where(same, tokens[:, 1:], -1)
-    return Batch(tokens, targets, modality, block, doc, pos, lat_target, latents)
+    latents = torch.zeros(len(visuals), n_latent, d_latent, dtype=torch.float16)
+    for k, v in enumerate(visuals):
+        if v.latents is not None:
+            latents[k] = v.latents
+    pending = [k for k, v in enumerate(visuals) if v.latents is None]
+    pixels = (torch.from_numpy(np.stack([visuals[k].image for k in pending])) if pending
+              else torch.zeros(0, 1, 1, 3, dtype=torch.uint8))
+    return Batch(tokens, targets, modality, block, doc, pos, targets.flatten().ge(0).nonzero().squeeze(1),
+                 modality.flatten().nonzero().squeeze(1),
+                 torch.tensor([v.target for v in visuals for _ in range(n_latent)], dtype=torch.bool),
+                 latents.view(-1, d_latent), pixels, torch.tensor(pending, dtype=torch.long))
 
 
 def unpack(batch, tok, row):
-    """The documents of one row, as packed: the inverse of pack (text decoded, latents sliced)."""
+    """The documents of one row, as packed: the inverse of pack (text decoded, latents sliced; the batch's
+    pending pictures must be encoded first)."""
     docs = []
-    toks, mod, docid = batch.tokens[row], batch.modality[row], batch.doc[row]
+    toks, docid = batch.tokens[row], batch.doc[row]
+    T = batch.tokens.shape[1]
+    slot_of = {int(p): k for k, p in enumerate(batch.lat_idx)}   # flat position -> index in the latents
     for d in range(int(docid.max()) + 1):
         idx = (docid == d).nonzero().squeeze(1)
         segments, text = [], []
@@ -266,11 +323,10 @@ def unpack(batch, tok, row):
                 if text:
                     segments.append(tok.decode(text))
                     text = []
-                j = k + 1
-                while mod[j] == 1:
-                    j += 1
-                segments.append(Visual(None, bool(batch.lat_target[row, k + 1]), batch.latents[row, k + 1:j]))
-                k = j + 1  # skip <EOI>
+                first = slot_of[row * T + k + 1]
+                n = int((batch.block[row] == batch.block[row, k + 1]).sum())
+                segments.append(Visual(None, bool(batch.lat_target[first]), batch.latents[first:first + n].float()))
+                k += n + 2  # the slots and <EOI>
                 continue
             text.append(int(toks[k]))
             k += 1
@@ -366,7 +422,7 @@ def to_rgb8(img):
 
 SPLITS = {'train': 0, 'val': 1, 'rae': 2}   # rae: the pictures the RAE's encoder and decoder train on
 POOL_SEED = 0     # pools do not depend on the training seed, so every run shares one latent cache
-N_VAL = 1024      # held-out pictures
+N_VAL = 1024      # held-out pictures (or n_images, if fewer)
 
 
 def _pool_rng(split, i):
@@ -430,11 +486,12 @@ def latent_cache(encoder, split, n, cache_dir, batch_size=256, pictures=None, ta
     remove_orphans(path.parent, re.escape(path.stem))
     tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npy')  # per process: runs may share cache_dir
     out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
+    device = next(encoder.buffers()).device   # every encoder has its normalisation buffers
     with torch.no_grad():
         for i in tqdm(range(0, n, batch_size), desc=f'encoding {n} {split} pictures ({encoder.name})'):
             images = (world_images(split, min(i + batch_size, n), encoder.res, start=i) if pictures is None
                       else np.asarray(pictures[i:i + batch_size]))
-            out[i:i + len(images)] = encoder.encode(image_tensor(images)).numpy()
+            out[i:i + len(images)] = encoder.encode(image_tensor(images).to(device)).float().cpu().numpy()
     out.flush()
     del out
     os.replace(tmp, path)
@@ -453,7 +510,7 @@ class WorldData:
         self.seed, self.p_uncond = seed, p_uncond
         self.n_latent = encoder.n_tokens
         self.text = text  # real text (a str) replaces the world's text documents when given
-        self.n_images, self.cache_dir, self.pools = {'train': n_images, 'val': N_VAL}, cache_dir, {}
+        self.n_images, self.cache_dir, self.pools = {'train': n_images, 'val': min(N_VAL, n_images)}, cache_dir, {}
         self.video_frames = video_frames
         self.images, self.videos = images, videos
 
@@ -466,6 +523,15 @@ class WorldData:
             self.pools[split] = world_scenes(split, n), latent_cache(self.encoder, split, n, self.cache_dir)
         return self.pools[split]
 
+    def build_caches(self):
+        """Every latent cache that batches read (the pools of both splits: the held-out losses read pictures
+        whatever the mixture; a video folder's frames), built now: the first time encodes them, once. After
+        this, making a batch never runs the encoder on a pool, so background workers never need it."""
+        for split in ('train', 'val'):
+            self.pool(split)
+            if self.videos is not None and {'video', 'action'} & set(self.kinds):
+                self.videos.latents(split, self.video_frames, self.encoder)
+
     def documents(self, rng, kinds, probs, p_uncond, split):
         while True:
             kind = kinds[rng.choice(len(kinds), p=probs)]
@@ -475,7 +541,7 @@ class WorldData:
                 room = self.T - self.video_frames * (self.n_latent + 2) - 2
                 yield self.videos.document(kind, rng, split, self.video_frames, self.encoder, self.tok, room)
             elif kind in ('video', 'action'):
-                yield video_document(kind, rng, split, self.video_frames)
+                yield video_document(kind, rng, split, self.video_frames, self.encoder.res)
             else:
                 pool = self.pool(split) if kind != 'text' else None
                 yield world_document(kind, rng, pool, p_uncond)
@@ -502,11 +568,5 @@ class WorldData:
             rows[row].append(d)
             free[row] -= n
             misses = 0
-        # video frames are drawn fresh (not from the pool): encode them here, all at once
-        frames = [s for r in rows for d in r for s in d if isinstance(s, Visual) and s.latents is None]
-        if frames:
-            with torch.no_grad():
-                latents = self.encoder.encode(image_tensor([v.image for v in frames]))
-            for v, z in zip(frames, latents):
-                v.latents = z
-        return pack(rows, self.tok, self.T, self.encoder.d_latent)
+        # video frames are drawn fresh (not from the pool): they travel as pixels, encoded on the device
+        return pack(rows, self.tok, self.T, self.n_latent, self.encoder.d_latent)

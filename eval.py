@@ -245,7 +245,8 @@ def expert_specialisation(model, dataset, n_batches):
     device = next(model.parameters()).device
     for i in range(n_batches):
         for kind in ('text=1', 'caption2image=1', 'image2caption=1'):
-            counts = counts + model(dataset.get('val', i, mixture=kind).to(device))[1]['counts']
+            batch = data.encode_pending(dataset.get('val', i, mixture=kind).to(device), dataset.encoder)
+            counts = counts + model(batch)[1]['counts']
     table = []
     for layer, c in enumerate(counts):
         s = routing_stats(c, model.blocks[layer].ffn.k)

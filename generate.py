@@ -60,8 +60,9 @@ class Doc:
         B, T = self.tokens.shape
         pos = torch.arange(start, T, device=self.tokens.device).expand(B, -1)
         doc = torch.zeros(B, T - start, dtype=torch.long, device=self.tokens.device)
-        return Inputs(self.tokens[:, start:], self.modality[:, start:], self.block[:, start:], doc, pos,
-                      self.z[:, start:], self.t[:, start:])
+        lat_idx = self.modality[:, start:].flatten().nonzero().squeeze(1)
+        return Inputs(self.tokens[:, start:], self.modality[:, start:], self.block[:, start:], doc, pos, lat_idx,
+                      self.z[:, start:].flatten(0, 1)[lat_idx], self.t[:, start:].flatten()[lat_idx])
 
 
 def advance(model, doc, kv):

@@ -43,7 +43,7 @@ class Loader:
     def __init__(self, dataset, start, grad_accum=1, world=1, rank=0, workers=0, pin=False, prefetch=2):
         items = Positions(dataset, start, grad_accum, world, rank)
         if workers == 0:
-            self.it = (items[i] for i in itertools.count())
+            self.it = ((p, m, b.pin_memory() if pin else b) for p, m, b in (items[i] for i in itertools.count()))
         else:
             self.it = iter(DataLoader(items, batch_size=None, sampler=itertools.count(), num_workers=workers,
                                       prefetch_factor=prefetch, pin_memory=pin, worker_init_fn=one_thread,

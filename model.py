@@ -19,6 +19,7 @@ text, so with one t per block no noise level leaks onto shared text. Context ima
 """
 
 import math
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -29,6 +30,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as flex
 
 import flow
+from configurator import seed_of
 from moe import MoE
 
 # -----------------------------------------------------------------------------
@@ -59,9 +61,10 @@ _compiled_flex = None
 
 
 def flex_attention(q, k, v, block_mask):
-    """flex_attention, compiled on CUDA (its fast path); eager elsewhere (forward only on CPU)."""
+    """flex_attention, compiled on CUDA (its fast path: inside a compiled block it is part of the block's
+    graph, elsewhere compiled on its own); eager on CPU (forward only there)."""
     global _compiled_flex
-    if q.is_cuda:
+    if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
@@ -79,7 +82,9 @@ def rope_tables(head_dim, max_pos, base):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, T, hd); cos/sin (B, 1, T, hd/2): rotate the two halves of each head as complex pairs."""
+    """x (B, H, T, hd); cos/sin (B, 1, T, hd/2): rotate the two halves of each head as complex pairs, in x's
+    dtype (fp32 tables would promote bf16 queries and keys to fp32, and the attention kernel with them)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -103,7 +108,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        if self.qk_norm:  # the gain in q's dtype: bf16 input with an fp32 weight misses the fused kernel (-20%)
+        if self.qk_norm:  # the gain in q's dtype: bf16 input with an fp32 weight misses the fused kernel
             q = F.rms_norm(q, (self.head_dim,), self.q_gain.to(q.dtype), self.eps)
             k = F.rms_norm(k, (self.head_dim,), self.k_gain.to(k.dtype), self.eps)
         q, k = q.transpose(1, 2), k.transpose(1, 2)   # (B, H, T, hd), (B, Hkv, T, hd)
@@ -112,8 +117,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, T_cached + T, hd)
         if isinstance(mask, torch.Tensor) or mask is None:  # None: a cached step, every key visible (KVCache)
-            # bf16 autocast on CPU: the CPU flash kernel's bf16 backward is slower than its fp32 one (48 vs
-            # 36 ms a layer here, bench.py --profile=True), so attention stays fp32 while the matmuls run bf16
+            # bf16 autocast on CPU: the CPU flash kernel's bf16 backward is slower than its fp32 one
+            # (docs/speed.md), so attention stays fp32 while the matmuls run bf16
             fp32 = q.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
             with torch.autocast('cpu', enabled=False) if fp32 else nullcontext():
                 if fp32:
@@ -137,20 +142,49 @@ class SwiGLU(nn.Module):
 
 class ModalityFFN(nn.Module):
     """A text FFN and a vision FFN; each token goes through its own modality's (docs/paper.md §1: 2.3B total,
-    1.5B active). Boolean indexing keeps the compute at one FFN per token."""
+    1.5B active). The tokens are sorted by modality once per forward (Route) and each FFN runs on its slice:
+    'grouped' is one torch._grouped_mm per weight with the slice offsets as a tensor, so nothing waits on the
+    host and no shape depends on the data (CUDA, and whenever compiled); 'loop' is two plain matmuls on slices
+    cut at the host's count (CPU eager, where the grouped kernel is no faster). Both compute the same thing
+    (a test compares them)."""
 
     def __init__(self, d_model, d_ff):
         super().__init__()
         self.text = SwiGLU(d_model, d_ff)
         self.vision = SwiGLU(d_model, d_ff)
 
-    def forward(self, x, modality):
-        is_lat = modality == 1
-        y_text, y_vision = self.text(x[~is_lat]), self.vision(x[is_lat])
-        out = x.new_empty(x.shape, dtype=y_text.dtype)  # the FFNs' dtype: bf16 under autocast
-        out[~is_lat] = y_text
-        out[is_lat] = y_vision
-        return out
+    def weights(self):
+        """The two FFNs' weights stacked as expert banks: w1, w3 [2, D, F] and w2 [2, F, D] (views of a stack,
+        so the two nn.Linear modules stay the parameters: checkpoints and optimizers see no change)."""
+        return [torch.stack([getattr(self.text, w).weight, getattr(self.vision, w).weight]).transpose(1, 2)
+                for w in ('w1', 'w3', 'w2')]
+
+    def forward(self, x, route):
+        x_SD = x.flatten(0, 1)[route.order]
+        w1, w3, w2 = self.weights()
+        if route.grouped:
+            y_SD = MoE._swiglu_grouped(x_SD, route.counts, w1, w3, w2, None)
+        else:
+            y_SD = MoE._swiglu_loop(x_SD, route.host_counts, w1, w3, w2, None)
+        return y_SD.new_empty(y_SD.shape).index_copy_(0, route.order, y_SD).view(*x.shape[:2], -1)
+
+
+@dataclass
+class Route:
+    """Every position of a (B, T) sequence sorted by modality (text first), computed once per forward and
+    shared by every layer's ModalityFFN: `order` [B*T], `counts` [2] (a device tensor) and the same counts
+    on the host (from the shapes: no sync), and which path the FFNs take."""
+    order: torch.Tensor
+    counts: torch.Tensor
+    host_counts: list
+    grouped: bool
+
+    @staticmethod
+    def of(modality, n_latent_slots, grouped):
+        B, T = modality.shape
+        n_vis = (modality == 1).sum()
+        return Route(torch.argsort(modality.flatten(), stable=True), torch.stack([B * T - n_vis, n_vis]),
+                     [B * T - n_latent_slots, n_latent_slots], grouped)
 
 
 class Block(nn.Module):
@@ -167,16 +201,36 @@ class Block(nn.Module):
             self.ffn = MoE(cfg.d_model, cfg.moe_d_expert or cfg.d_ff // cfg.moe_top_k, cfg.moe_experts,
                            cfg.moe_top_k, cfg.moe_shared, cfg.moe_dispatch, cfg.moe_balance, cfg.moe_z)
 
-    def forward(self, x, cos, sin, mask, modality, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, modality, route, cache=None, layer=0):
         """-> (x, aux): aux is the MoE's losses and routing counts, None for the other FFNs."""
         x = x + self.attn(self.norm1(x), cos, sin, mask, cache, layer)
         h = self.norm2(x)
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), None
         if isinstance(self.ffn, ModalityFFN):
-            return x + self.ffn(h, modality), None
+            return x + self.ffn(h, route), None
         y, aux = self.ffn(h, modality)
         return x + y, aux
+
+
+def row_offset(p):
+    """Where a parameter's local rows start in the whole: 0, or an FSDP2 shard's first row (Shard(0) splits
+    dim 0 as torch.chunk does)."""
+    if not hasattr(p, 'to_local'):
+        return 0
+    n, world = p.shape[0], p.device_mesh.size()
+    return min(p.device_mesh.get_local_rank() * -(-n // world), n)
+
+
+def fill_rows(local, start, std, seed):
+    """local[i] = row start + i of a normal(0, std) parameter whose rows come in blocks of R, block k drawn
+    (on the CPU) from a generator seeded seed_of(seed, k)."""
+    row = local[0].numel() if len(local) else 1
+    R = max(1, (1 << 22) // row)
+    for k in range(start // R, -(-(start + len(local)) // R)):
+        block = torch.randn(R, *local.shape[1:], generator=torch.Generator().manual_seed(seed_of(seed, k))) * std
+        lo, hi = max(k * R, start), min((k + 1) * R, start + len(local))
+        local[lo - start:hi - start] = block[lo - k * R:hi - k * R].to(local.device, local.dtype)
 
 
 def timestep_embedding(t, dim):
@@ -237,7 +291,7 @@ class ModelConfig:
     moe_dispatch: str = 'auto'  # moe: auto | grouped | loop
     flow_target: str = 'v'     # v | x: what the network predicts (docs/paper.md §4)
     flow_weight: float = 3.0   # lambda in L = L_LM + lambda * L_flow (docs/paper.md §5)
-    shift: float = 3.0         # noise shift alpha; 0 = the RAE formula sqrt(N*d/4096) (README "noise shift")
+    shift: float = 3.0         # noise shift alpha; 0 = the RAE formula sqrt(N*d/4096) (docs/design.md)
     rope_base: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5     # RMSNorm epsilon
     qk_norm: bool = True       # RMSNorm (with a gain) on each head's queries and keys before RoPE (speedruns)
@@ -285,24 +339,24 @@ class Inputs:
     block: torch.Tensor     # (B, T) long: visual block id within the row, -1 for text
     doc: torch.Tensor       # (B, T) long: document id within the row, -1 for padding
     pos: torch.Tensor       # (B, T) long: position within the document (RoPE)
-    z: torch.Tensor         # (B, T, d_latent): latent inputs at latent slots, noised or clean
-    t: torch.Tensor         # (B, T): each latent slot's time (1 = clean)
+    lat_idx: torch.Tensor   # (L,) long: the latent slots, as flat indices b * T + j, row-major
+    z: torch.Tensor         # (L, d_latent): their inputs, noised or clean
+    t: torch.Tensor         # (L,): their times (1 = clean)
 
 
 SHAPES = ('vocab_size', 'block_size', 'd_latent', 'n_latent')  # set from the data and the encoder, not knobs
 KNOBS = {f.name: f.default for f in fields(ModelConfig) if f.name not in SHAPES}
 
 
-@torch.compiler.disable  # the draw's shape is data (the block count): compiled, it failed on the second batch
-def frame_times(batch, alpha, t_fixed=None):
-    """t per position (B, T): one draw per visual block (each picture or video frame has its own t, Diffusion
-    Forcing), shared by the block's latent slots; context blocks and text are clean (t = 1)."""
-    B = batch.tokens.shape[0]
-    n_blocks = int(batch.block.max()) + 1 if batch.modality.any() else 1
-    t_block = flow.sample_t((B, n_blocks), alpha, device=batch.tokens.device)
+def latent_times(batch, n_latent, alpha, t_fixed=None):
+    """t of every latent slot (L,): one draw per visual block (each picture or video frame has its own t,
+    Diffusion Forcing), shared by its n_latent slots, or t_fixed for all; context blocks are clean (t = 1).
+    The number of blocks comes from the shapes, so nothing waits on the device."""
+    n_blocks = batch.lat_idx.shape[0] // n_latent
+    t_block = flow.sample_t((n_blocks,), alpha, device=batch.latents.device)
     if t_fixed is not None:
         t_block = torch.full_like(t_block, t_fixed)
-    return torch.where(batch.lat_target, t_block.gather(1, batch.block.clamp(min=0)), 1.0)
+    return torch.where(batch.lat_target, t_block.repeat_interleave(n_latent), 1.0)
 
 
 class Transfusion(nn.Module):
@@ -322,20 +376,40 @@ class Transfusion(nn.Module):
         cos, sin = rope_tables(d // cfg.n_head, cfg.block_size, cfg.rope_base)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
-            if name.endswith(('wo.weight', 'w2.weight', '.w2', '.s_w2')):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        nn.init.normal_(self.lat_pos, std=0.02)
-        nn.init.zeros_(self.lat_out.weight)  # start by predicting zero velocity (DiT's zero-init head)
-        nn.init.zeros_(self.lat_out.bias)
+        self.compiled = False  # compile_blocks() was called: the FFNs take the grouped path
+        if self.lm_head.weight.device.type != 'meta':  # on the meta device there is nothing to fill yet
+            self.init_weights(torch.initial_seed())
 
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, 'bias', None) is not None:
-                nn.init.zeros_(m.bias)
+    def init_std(self, name, p):
+        """Each parameter's initialisation: GPT-2's normal(0, 0.02), the residual projections scaled by depth,
+        the latent head at zero (it starts by predicting zero velocity, DiT's zero-init), biases at 0, norm
+        gains at 1. None means ones."""
+        if name.startswith('lat_out.') or name.endswith('.bias'):
+            return 0.0
+        if p.dim() == 1:
+            return None
+        if name.endswith(('wo.weight', 'w2.weight', '.w2', '.s_w2')):
+            return 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        return 0.02
+
+    @torch.no_grad()
+    def init_weights(self, seed):
+        """Fill every parameter from `seed` alone, whatever the device or sharding: rows of parameter `name`
+        come in fixed blocks, block k drawn from its own generator seed_of(seed, crc32(name), k), so an FSDP
+        shard fills exactly the rows the whole model would have (parallel.py) and the order in which modules
+        were built does not matter. Also recomputes the RoPE tables (buffers left empty by the meta device)."""
+        for name, p in self.named_parameters():
+            local, std = p.to_local() if hasattr(p, 'to_local') else p, self.init_std(name, p)
+            if std is None:
+                local.fill_(1.0)
+            elif std == 0:
+                local.zero_()
+            else:
+                fill_rows(local, row_offset(p), std, seed_of(seed, zlib.crc32(name.encode())))
+        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_head, self.cfg.block_size, self.cfg.rope_base)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        return self
 
     def count_params(self):
         """Total, and active per token: a token runs one of the two modality FFNs (docs/paper.md §1), or its
@@ -356,53 +430,103 @@ class Transfusion(nn.Module):
         return {'total': total, 'active': total - idle, 'paper_active': total - idle - routers - adapters}
 
     def flops_per_token(self):
-        """Training FLOPs per token, forward and backward: 6 per active parameter, plus the attention scores and
-        values over a whole block_size window (12 * n_layer * d_model * T), as nanoGPT counts them. bench.py's
-        MFU and scaling.py's budgets both use it."""
+        """The 6N convention (nanoGPT's; scaling.py budgets with it): 6 FLOPs per active parameter and token,
+        plus 12 n_layer d_model block_size for attention over a whole window. It counts work that never runs
+        (the embedding gather, the LM head on every token, attention the mask excludes): train_flops counts
+        what executes."""
         c = self.cfg
         return 6 * self.count_params()['active'] + 12 * c.n_layer * c.d_model * c.block_size
 
-    def make_mask(self, doc, block):
-        # 'auto' = flex for CUDA training only: its compiled kernel is built per sequence length (sampling's
-        # prefixes vary: recompiles, then a crash on an H100), and it needs head dims >= 16 (tiny test models)
-        use_flex = self.cfg.attn == 'flex' or (self.cfg.attn == 'auto' and doc.is_cuda and self.training
+    def train_flops(self, batch, tile=0):
+        """FLOPs of one training step (forward and backward) on a Batch, two ways, each named:
+            'executed': the matmuls that run, 2 FLOPs a multiply-add, backward twice the forward (once for the
+                first layers of the latent adapters, whose inputs need no gradient): per layer the attention
+                projections and one FFN (or the router and top_k experts) on every position (padding is
+                computed too); the latent in/out projections and the timestep MLP on latent slots; the LM
+                head on text targets only; attention scores and values over the (query, key) pairs the kernel
+                computes, with the backward's recomputation of the scores (3.5x the forward, as flash kernels
+                run it): every pair for SDPA's dense mask (tile=0), or every pair of each tile x tile tile
+                the mask does not wholly exclude (flex_attention skips those: tile=128 on CUDA).
+            '6N': flops_per_token() for every position."""
+        c = self.cfg
+        B, T = batch.tokens.shape
+        d, hd = c.d_model, c.d_model // c.n_head
+        attn = d * (2 * d + 2 * c.n_kv_head * hd)                                        # wq, wo, wk, wv
+        ffn = self.blocks[0].ffn.count_params()[1] if c.ffn == 'moe' else 3 * d * c.d_ff
+        L = batch.lat_idx.shape[0]
+        macs = (B * T * c.n_layer * (attn + ffn) + L * (d * d + d * c.d_latent)            # t_mlp[2], lat_out
+                + batch.text_idx.shape[0] * d * c.vocab_size)
+        first = L * (c.d_latent * d + 256 * d)                                              # lat_in, t_mlp[0]
+        if tile:
+            allowed = dense_mask(batch.doc, batch.block)[:, 0]
+            n = -(-T // tile) * tile
+            allowed = F.pad(allowed, (0, n - T, 0, n - T)).view(B, n // tile, tile, n // tile, tile)
+            pairs = int(allowed.any(4).any(2).sum()) * tile * tile
+        else:
+            pairs = B * T * T
+        executed = 3 * 2 * macs + 2 * 2 * first + 3.5 * 4 * d * c.n_layer * pairs
+        return {'executed': executed, '6N': self.flops_per_token() * B * T}
+
+    def compile_blocks(self):
+        """torch.compile each block in place (as torchtitan does, before FSDP wraps them): the embeddings, mask
+        and losses stay eager, where shapes change from batch to batch; a block sees fixed shapes."""
+        for blk in self.blocks:
+            blk.compile()
+        self.compiled = True
+        return self
+
+    def make_mask(self, doc, block, flex_ok):
+        # 'auto' = flex on CUDA for full sequences (training, held-out losses; SDPA's boolean mask with GQA
+        # falls back to the math kernel there); SDPA for sampling, whose prefix lengths vary (flex recompiles
+        # per length), and for head dims < 16 (tiny test models)
+        use_flex = self.cfg.attn == 'flex' or (self.cfg.attn == 'auto' and doc.is_cuda and flex_ok
                                                and self.cfg.d_model // self.cfg.n_head >= 16)
         return flex_block_mask(doc, block) if use_flex else dense_mask(doc, block)
 
-    def hidden(self, inp, cache=None):
+    def hidden(self, inp, cache=None, flex_ok=False):
         """Final hidden states (B, T, d) of the Inputs `inp`, and per layer the MoE aux (None for other FFNs).
-        Every visual block is n_latent slots long, so a latent's slot inside its block is its running count mod
-        n_latent (a cached step passes whole blocks)."""
-        is_lat = (inp.modality == 1).unsqueeze(-1)
-        slot = (torch.cumsum(inp.modality, dim=1) - 1).clamp(min=0) % self.cfg.n_latent
-        x_lat = self.lat_in(inp.z) + self.lat_pos[slot] + self.t_mlp(timestep_embedding(inp.t, 256))
-        x = torch.where(is_lat, x_lat, self.tok_emb(inp.tokens))                              # (B, T, d)
+        Text tokens are embedded; each latent slot gets the in-projection of its z, its slot's position inside
+        its picture and its time's embedding (every visual block is n_latent slots long, row-major, so slot =
+        index mod n_latent; a cached step passes whole blocks)."""
+        B, T = inp.tokens.shape
+        x = self.tok_emb(inp.tokens)
+        n_lat = inp.lat_idx.shape[0]
+        if n_lat:
+            slot = torch.arange(n_lat, device=x.device) % self.cfg.n_latent
+            x_lat = self.lat_in(inp.z) + self.lat_pos[slot] + self.t_mlp(timestep_embedding(inp.t, 256))
+            x = x.flatten(0, 1).index_copy(0, inp.lat_idx, x_lat.to(x.dtype)).view(B, T, -1)
         cos, sin = self.rope_cos[inp.pos].unsqueeze(1), self.rope_sin[inp.pos].unsqueeze(1)   # (B, 1, T, hd/2)
-        mask = self.make_mask(inp.doc, inp.block) if cache is None or len(cache) == 0 else None
+        mask = self.make_mask(inp.doc, inp.block, flex_ok) if cache is None or len(cache) == 0 else None
+        route = Route.of(inp.modality, n_lat, x.is_cuda or self.compiled) if self.cfg.ffn == 'modality' else None
         auxes = []
         for i, blk in enumerate(self.blocks):
-            x, aux = blk(x, cos, sin, mask, inp.modality, cache, i)
+            x, aux = blk(x, cos, sin, mask, inp.modality, route, cache, i)
             auxes.append(aux)
         return self.norm(x), auxes
 
     def forward(self, batch, t_fixed=None):
-        """The joint training loss on a packed Batch (data.py). Returns (loss, metrics).
+        """The joint training loss on a packed Batch (data.py) whose latents are all encoded. -> (loss, metrics).
 
         Each target visual block draws its own t (one per image / frame, Diffusion-Forcing style), or every
-        target block takes t_fixed (eval on a grid of t); context blocks stay clean (t = 1), no flow loss."""
-        t = frame_times(batch, self.cfg.alpha, t_fixed)
-        noise = torch.randn_like(batch.latents)
-        z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(batch.latents, noise, t), batch.latents)
-        h, auxes = self.hidden(Inputs(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, z, t))
+        target block takes t_fixed (eval on a grid of t); context blocks stay clean (t = 1), no flow loss.
+        Every selection is by index tensors the batch brings (text_idx, lat_idx) or by weights, never by a
+        boolean mask: no shape depends on the device's data, so the step never waits on it."""
+        x0 = batch.latents.float()
+        t = latent_times(batch, self.cfg.n_latent, self.cfg.alpha, t_fixed)
+        noise = torch.randn_like(x0)
+        z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(x0, noise, t), x0)
+        inp = Inputs(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, batch.lat_idx, z, t)
+        h, auxes = self.hidden(inp, flex_ok=True)
+        h = h.flatten(0, 1)
 
-        text_sel = batch.targets >= 0
-        logits = self.lm_head(h[text_sel]).float()
-        lm_loss = F.cross_entropy(logits, batch.targets[text_sel]) if text_sel.any() else logits.sum()
+        logits = self.lm_head(h[batch.text_idx]).float()   # the LM head runs on text targets only
+        lm_loss = F.cross_entropy(logits, batch.targets.flatten()[batch.text_idx]) if len(batch.text_idx) \
+            else logits.sum()
 
-        lat_sel = batch.lat_target
-        pred = self.lat_out(h[lat_sel]).float()
-        per_tok = flow.flow_loss(pred, batch.latents[lat_sel], noise[lat_sel], t[lat_sel], self.cfg.flow_target)
-        flow_loss = per_tok.mean() if lat_sel.any() else pred.sum()
+        pred = self.lat_out(h[batch.lat_idx]).float()
+        per_tok = flow.flow_loss(pred, x0, noise, t, self.cfg.flow_target)
+        weight = batch.lat_target.float()                   # context latents carry no flow loss
+        flow_loss = (per_tok * weight).sum() / weight.sum().clamp(min=1)
 
         loss = lm_loss + self.cfg.flow_weight * flow_loss
         metrics = {'lm_loss': lm_loss.detach(), 'flow_loss': flow_loss.detach()}

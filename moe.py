@@ -13,15 +13,17 @@ w1 [E, D, F] (gate), w3 [E, D, F] (up), w2 [E, F, D] (down); the shared experts 
 Dispatch is dropless: the T*k (token, slot) pairs are sorted by expert and every expert runs on its whole
 contiguous slice, so no token is ever dropped and nothing is padded. Two paths compute the same function (tests
 compare both with the per-token reference `naive_moe`, values and gradients, fp32 and bf16 autocast):
-    'grouped'  torch._grouped_mm over the slices, offsets = cumulative counts: one call per weight (bf16 under
-               autocast on CUDA; on CPU the experts always run fp32, which is faster there than bf16)
-    'loop'     a python loop over the experts' slices: the plain fallback, and the benchmark's baseline
+    'grouped'  torch._grouped_mm over the slices, offsets = cumulative counts as a device tensor: one call
+               per weight, no host sync, no data-dependent shape (bf16 under autocast on CUDA; on CPU the
+               experts run fp32 in eager mode, where that is faster than bf16, and bf16 when compiled, the only
+               dtype torch 2.13 compiles _grouped_mm in on CPU)
+    'loop'     a python loop over the experts' slices (their sizes read on the host): the plain fallback, and
+               the benchmark's baseline
 'auto' = grouped on CUDA and CPU alike, or loop when d_model or d_expert is not a multiple of 8 (the kernel's
 16-byte stride rule). Both fold the gate into the hidden activation before the down projection (the expert is
-linear in it, so that is exact) and sum each token's k rows with index_put_(accumulate=True).
-On CPU the expert GEMMs dominate (fp32, 1 thread: ~70% of the time in mm), so grouped only ties the loop; a
-padded-bmm path (slices padded to the largest, three bmm) was built and measured and lost (0.74-0.86x the loop
-at E = 64: padding waste plus bmm slower than a loop of mm here), so it is not kept. See bench.py --only=moe.
+linear in it, so that is exact) and sum each token's k rows with index_put_(accumulate=True). Expert loads are
+counted with scatter_add (a fixed-size result), not bincount (whose size is data). bench.py --only=moe times
+the two paths; docs/speed.md has the measurements.
 
 Losses (both returned already multiplied by their coefficients, to be added to the training loss):
     balance  Switch loss E * sum_i f_i * P_i over every token of the call (a whole micro-batch, since one
@@ -36,6 +38,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def count(idx, n):
+    """How many times each of 0..n-1 occurs in idx: bincount with a fixed-size result, so no host sync."""
+    return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
 def expert_hidden(d_model, granularity):
@@ -141,6 +148,8 @@ class MoE(nn.Module):
         multiples of 16 bytes (D and F multiples of 8 in bf16). gate_S (or None) scales each hidden row."""
         dev = x_SD.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_SD.dtype
+        if dev == 'cpu' and torch.compiler.is_compiling():
+            dt = torch.bfloat16  # torch 2.13 compiles CPU _grouped_mm in bf16 only
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         x_SD = x_SD.to(dt)
         h_SF = (F.silu(torch._grouped_mm(x_SD, w1_EDF.to(dt), offs=offs_E))
@@ -153,7 +162,7 @@ class MoE(nn.Module):
         """Sum over each token's k routed experts of gate * expert(x), dropless."""
         K, E = idx_TK.shape[1], self.n_experts
         idx_S = idx_TK.reshape(-1)                      # expert of each (token, slot) pair, S = T k
-        counts_E = torch.bincount(idx_S, minlength=E)
+        counts_E = count(idx_S, E)
         order_S = torch.argsort(idx_S, stable=True)     # j-th pair in expert order = pair order_S[j]
         gate_S = gate_TK.reshape(-1)[order_S]
         token_S = order_S // K                          # token of each sorted pair
@@ -173,7 +182,7 @@ class MoE(nn.Module):
             return (F.silu(x_TD @ self.s_w1[0]) * (x_TD @ self.s_w3[0])) @ self.s_w2[0]
         # per modality: sort tokens by modality and run M large slices (a loop of M = 2 costs nothing)
         order_T = torch.argsort(modality_T, stable=True)
-        counts_M = torch.bincount(modality_T, minlength=self.n_modalities)
+        counts_M = count(modality_T, self.n_modalities)
         if path == 'grouped':
             y_TD = self._swiglu_grouped(x_TD[order_T], counts_M, self.s_w1, self.s_w3, self.s_w2, None)
         else:
@@ -194,19 +203,17 @@ class MoE(nn.Module):
             path = 'grouped' if all(n % 8 == 0 for n in self.w1.shape[1:]) else 'loop'
         logits_TE, probs_TE, gate_TK, idx_TK = self.route(x_TD)
         # CPU autocast would cast every expert bank to bf16 at every call, and the CPU's bf16 GEMMs on expert
-        # slices are slower than fp32 ones: on CPU the experts run in fp32 (a 4-layer, 128-wide MoE model's
-        # step: 474 -> 244 ms, README "Speed"); CUDA keeps bf16, where the grouped kernel is fast
-        cpu_amp = x_TD.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
-        if cpu_amp and path == 'grouped' and torch.compiler.is_compiling():
-            path = 'loop'  # torch 2.13's fake (compile-time) _grouped_mm on CPU accepts bf16 only
+        # slices are slower than fp32 ones: in eager mode on CPU the experts run fp32 (docs/speed.md); CUDA, and
+        # a compiled CPU block (torch 2.13 compiles CPU _grouped_mm in bf16 only), keep bf16
+        cpu_amp = (x_TD.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+                   and not torch.compiler.is_compiling())
         with torch.autocast('cpu', enabled=False) if cpu_amp else nullcontext():
             x_in = x_TD.float() if cpu_amp else x_TD
             y_TD = self._routed(x_in, gate_TK, idx_TK, path)
             if self.shared != 'none':
                 y_TD = y_TD + self._shared(x_in, mod_T, path)
 
-        counts_ME = torch.bincount((idx_TK + E * mod_T[:, None]).reshape(-1),
-                                   minlength=self.n_modalities * E).view(self.n_modalities, E)
+        counts_ME = count((idx_TK + E * mod_T[:, None]).reshape(-1), self.n_modalities * E).view(self.n_modalities, E)
         aux = {'balance': self.balance_coef * balance_loss(probs_TE, counts_ME.sum(0)),
                'z': self.z_coef * torch.logsumexp(logits_TE, -1).square().mean(),
                'counts': counts_ME}

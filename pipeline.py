@@ -8,18 +8,20 @@ script's own.
     mcfg = model_config(cfg, tok, encoder)
     dataset = make_dataset(cfg, tok, encoder, text, seed)
     held_out_losses(model, dataset, n_batches)  # train.py's periodic eval and eval.py's numbers
-    save_checkpoint(...), check_resume(ckpt, cfg, path), load_checkpoint(path, device)
+    save_checkpoint(...), check_resume(ckpt, cfg, path), load_state(...), load_checkpoint(path, device)
 """
 
 import math
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import tiktoken
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import data
 import folders
@@ -150,7 +152,8 @@ def held_out_losses(net, dataset, n_batches, ctx=nullcontext(), t_grid=()):
             losses = []
             for i in range(n_batches):
                 with ctx:
-                    losses.append(net(dataset.get('val', i, mixture=kind).to(device), t_fixed=t)[1][key].item())
+                    batch = data.encode_pending(dataset.get('val', i, mixture=kind).to(device), dataset.encoder)
+                    losses.append(net(batch, t_fixed=t)[1][key].item())
             out[f'val_{name}_loss'] = sum(losses) / len(losses)
     out['val_text_ppl'] = math.exp(min(out['val_text_loss'], 700))  # exp overflows past ~709
     net.train(was_training)
@@ -176,42 +179,84 @@ def weights_finite(net):
     return bad.item() == 0
 
 
+def sharded_path(path):
+    """An FSDP run's checkpoint is a folder beside where the single file would be: out/ckpt.pt -> out/ckpt."""
+    return path[:-3] if path.endswith('.pt') else path
+
+
 def save_checkpoint(path, raw_model, optimizer, cfg, step, extra, sharded=False):
-    """Everything needed to resume (the data position and all randomness follow from the step), written to a
-    temp file and renamed, so a crash during the write leaves the previous checkpoint intact. A model whose
-    weights are not finite is never saved (over a good checkpoint or anywhere): the run stops with a
-    sentence. Call it on every rank: FSDP gathers the full weights (a collective), and rank 0 writes."""
+    """Everything needed to resume (the data position and all randomness follow from the step). Whole: one
+    file written by rank 0 to a temp file and renamed. Sharded (FSDP): a torch.distributed.checkpoint folder
+    (sharded_path) in which every rank writes its own shards, nothing gathered, with the rest (config, step,
+    encoder) in its meta.pt; written as folder.tmp, then swapped in. Either way a crash during the write leaves
+    the previous checkpoint intact. A model whose weights are not finite is never saved: the run stops with a
+    sentence. Call it on every rank."""
     if not weights_finite(raw_model):
         fail(f"the weights are not finite at step {step}: not saving them over {path} (a learning rate too "
              f"high? resume from the last good checkpoint with a lower one)")
-    if sharded:
-        model_sd, optim_sd = get_state_dict(raw_model, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
-    if int(os.environ.get('RANK', 0)) != 0:
+    meta = {'config': cfg, 'model_config': asdict(raw_model.cfg), 'step': step, **extra}
+    master = int(os.environ.get('RANK', 0)) == 0
+    if not sharded:
+        if master:
+            save_atomic({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), **meta}, path)
         return
-    save_atomic({'model': model_sd, 'optimizer': optim_sd, 'config': cfg, 'model_config': asdict(raw_model.cfg),
-                 'step': step, **extra}, path)
+    folder = sharded_path(path)
+    model_sd, optim_sd = get_state_dict(raw_model, optimizer)
+    if master:
+        shutil.rmtree(folder + '.tmp', ignore_errors=True)
+    dist.barrier()
+    dcp.save({'model': model_sd, 'optimizer': optim_sd}, checkpoint_id=folder + '.tmp')
+    if master:
+        torch.save(meta, os.path.join(folder + '.tmp', 'meta.pt'))
+        if os.path.isdir(folder):
+            os.replace(folder, folder + '.old')
+        os.replace(folder + '.tmp', folder)
+        shutil.rmtree(folder + '.old', ignore_errors=True)
+    dist.barrier()
 
 
 def read_checkpoint(path, device='cpu'):
-    """torch.load a train.py checkpoint, with one sentence when it is missing or is not one."""
-    if not os.path.isfile(path):
+    """A train.py checkpoint's contents, with one sentence when it is missing or is not one: the whole file
+    loaded, or for a sharded folder its meta.pt with 'dcp' naming the folder (load_state reads the tensors into
+    a live model)."""
+    folder = next((f for f in (sharded_path(path), sharded_path(path) + '.old') if os.path.isdir(f)), None)
+    if not os.path.isfile(path) and folder is None:
         fail(f"no checkpoint at {path} (train one first: python train.py)")
     try:
-        ck = torch.load(path, map_location=device, weights_only=True)
+        ck = (torch.load(path, map_location=device, weights_only=True) if os.path.isfile(path) else
+              {**torch.load(os.path.join(folder, 'meta.pt'), map_location=device, weights_only=True), 'dcp': folder})
     except Exception as e:  # truncated, foreign, or made by another program: torch raises many types
         fail(f"{path} is not a compatible checkpoint ({type(e).__name__}: {str(e)[:200]})")
-    if not isinstance(ck, dict) or not {'model', 'config', 'model_config', 'step'} <= set(ck):
+    if not isinstance(ck, dict) or not {'config', 'model_config', 'step'} <= set(ck) or not {'model', 'dcp'} & set(ck):
         fail(f"{path} is not a compatible checkpoint (not a train.py checkpoint: no model, config and step)")
     return ck
+
+
+def load_state(model, optimizer, ck):
+    """Put a checkpoint's weights (and optimizer state, if an optimizer is given) into a live model, sharded or
+    whole. A sharded checkpoint loads into any number of processes, FSDP or not (torch.distributed.checkpoint
+    reads each rank's part of every tensor)."""
+    if 'dcp' not in ck:
+        model.load_state_dict(ck['model'])
+        if optimizer is not None:
+            optimizer.load_state_dict(ck['optimizer'])
+        return
+    if optimizer is None:
+        state = {'model': model.state_dict()}
+        dcp.load(state, checkpoint_id=ck['dcp'])
+        model.load_state_dict(state['model'])
+        return
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {'model': model_sd, 'optimizer': optim_sd}
+    dcp.load(state, checkpoint_id=ck['dcp'])
+    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
 
 
 def check_resume(ck, cfg, path):
     """Refuse to resume a checkpoint whose model shape, tokenizer, encoder or optimizer differ from this run's
     config (the weights would not load, or would continue in another latent space), naming every differing
-    knob. Everything else (steps, learning rate, mixture, ...) may change on resume."""
+    knob, or a whole-file checkpoint into FSDP shards. Everything else (steps, learning rate, mixture, the
+    number of processes, ...) may change on resume."""
     old = {**run_knobs(), **BEFORE_KNOB, **ck['config']}
     keys = [*MODEL_SHAPE, *rae.identity_knobs(cfg), 'optimizer']
     differ = [k for k in keys if k in cfg and old.get(k, cfg[k]) != cfg[k]]
@@ -219,6 +264,9 @@ def check_resume(ck, cfg, path):
         fail(f"cannot resume {path}: it was trained with " + ', '.join(f"{k}={old[k]!r}" for k in differ)
              + ", this run has " + ', '.join(f"{k}={cfg[k]!r}" for k in differ)
              + " (pass the checkpoint's values, or start in another out_dir)")
+    if 'dcp' not in ck and cfg.get('fsdp') and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        fail(f"cannot resume {path} with fsdp=True: it is a whole-model file from a run without FSDP, and only "
+             f"sharded checkpoints load into shards (resume it with fsdp=False, or start in another out_dir)")
 
 
 def check_same_encoder(ck, encoder, path):
@@ -232,8 +280,8 @@ def check_same_encoder(ck, encoder, path):
 
 
 def load_checkpoint(path, device='cpu'):
-    """(model, tokenizer, encoder, train config) from a train.py checkpoint, with one clear error if the file
-    is missing or does not fit the model it describes."""
+    """(model, tokenizer, encoder, train config) from a train.py checkpoint (a file or a sharded folder), with
+    one clear error if it is missing or does not fit the model it describes."""
     ck = read_checkpoint(path, device)
     cfg = {**run_knobs(), **BEFORE_KNOB, **ck['config']}
     try:
@@ -241,7 +289,7 @@ def load_checkpoint(path, device='cpu'):
         tok = tokenizer.get_tokenizer(cfg['tokenizer'])
         encoder = rae.build_encoder(cfg, fit=False)  # the checkpoint brings the encoder's statistics
         net = model.Transfusion(mcfg).to(device)
-        net.load_state_dict(ck['model'])
+        load_state(net, None, ck)
         encoder.load_state_dict(ck['encoder'])
     except (KeyError, RuntimeError, TypeError, ValueError, SystemExit) as e:
         fail(f"{path} is not a compatible checkpoint ({type(e).__name__}: {str(e)[:200]})")

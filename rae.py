@@ -238,8 +238,9 @@ def build_encoder(cfg, fit=True):
         enc = spec['make'](c, grid)
         rae = RAE(enc, res, d=c['decoder_dim']) if spec['decoder'] else None
     if rae is None:
-        if fit:
-            enc.fit(data.image_tensor(own[:2048] if own is not None else data.world_images('train', 2048, res)))
+        if fit:  # per-channel statistics: 2M pixels are plenty (2,048 pictures at 32², 41 at 224²)
+            n = max(32, (2048 * 32 * 32) // (res * res))
+            enc.fit(data.image_tensor(own[:n] if own is not None else data.world_images('train', n, res)))
         return enc
     if not fit:
         return rae

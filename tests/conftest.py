@@ -31,7 +31,8 @@ def random_docs(rng, n_latent, d_latent, n_docs):
             if rng.random() < 0.5:
                 segs.append(''.join(rng.choice(list('abc xyz.')) for _ in range(rng.integers(1, 12))))
             else:
-                segs.append(data.Visual(None, bool(rng.random() < 0.5), torch.randn(n_latent, d_latent)))
+                # latents travel as float16: draw values it holds exactly
+                segs.append(data.Visual(None, bool(rng.random() < 0.5), torch.randn(n_latent, d_latent).half().float()))
         docs.append(segs)
     return docs
 
@@ -49,7 +50,7 @@ def random_batch(seed=0, B=3, T=64, n_latent=4, d_latent=6):
                 row.append(d)
                 used += n
         rows.append(row)
-    return tok, rows, data.pack(rows, tok, T, d_latent)
+    return tok, rows, data.pack(rows, tok, T, n_latent, d_latent)
 
 
 def tiny_config(**kw):

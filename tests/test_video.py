@@ -232,7 +232,7 @@ import eval as evaluation  # noqa: E402
 import rae  # noqa: E402
 import generate  # noqa: E402
 import tokenizer  # noqa: E402
-from model import ModelConfig, Transfusion, dense_mask, frame_times  # noqa: E402
+from model import ModelConfig, Transfusion, dense_mask, latent_times  # noqa: E402
 
 ENC = rae.PixelEncoder(32, 8).fit(torch.rand(8, 3, 32, 32))   # 16 tokens x 192 dims: small and fast
 
@@ -247,23 +247,24 @@ def encoded(doc):
 def test_an_action_clip_is_one_noised_block_per_frame_each_seeing_only_the_past_and_its_action():
     tok = tokenizer.Tokenizer()
     doc = encoded(data.video_document('action', np.random.default_rng(0), 'train', 3))
-    batch = data.pack([[doc]], tok, 128, ENC.d_latent)
+    batch = data.pack([[doc]], tok, 128, ENC.n_tokens, ENC.d_latent)
     slots = [torch.nonzero(batch.block[0] == k).squeeze(1) for k in range(3)]
+    frames = [slice(16 * k, 16 * (k + 1)) for k in range(3)]                     # each frame's latents, in order
     targets = [v.target for v in doc if isinstance(v, data.Visual)]
     assert all(len(s) == 16 for s in slots) and targets[-1]                     # the last frame is predicted
-    assert [bool(batch.lat_target[0, s].all()) for s in slots] == targets
+    assert [bool(batch.lat_target[f].all()) for f in frames] == targets
+    assert all(torch.equal(batch.lat_idx[f], s) for f, s in zip(frames, slots))
     mask = dense_mask(batch.doc, batch.block)[0, 0]
     f0, f1, f2 = slots
     assert mask[f1[0]][f0].all() and mask[f1[0]][f1].all()       # the past frame, and its own frame whole
     assert not mask[f1[-1]][f2].any()                            # never the next frame
     action = torch.arange(int(f0[-1]) + 2, int(f1[0]) - 1)        # the text between <EOI> and <BOI>
     assert tok.decode(batch.tokens[0, action].tolist()) == doc[1] and mask[f1[0]][action].all()
-    t = frame_times(batch, alpha=1.0)[0]
-    assert all(len(set(t[s].tolist())) == 1 for s in slots)      # one t per frame ...
-    noised = [float(t[s[0]]) for s, target in zip(slots, targets) if target]
+    t = latent_times(batch, 16, alpha=1.0)
+    assert all(len(set(t[f].tolist())) == 1 for f in frames)     # one t per frame ...
+    noised = [float(t[f][0]) for f, target in zip(frames, targets) if target]
     assert len(set(noised)) == len(noised) and all(v < 1 for v in noised)   # ... drawn for each target frame
-    assert all(float(t[s[0]]) == 1 for s, target in zip(slots, targets) if not target)   # context is clean
-    assert (t[batch.modality[0] == 0] == 1).all()                # text is clean
+    assert all(float(t[f][0]) == 1 for f, target in zip(frames, targets) if not target)   # context is clean
     seen = set()
     for seed in range(20):                                       # both kinds of earlier frame occur
         d = data.video_document('action', np.random.default_rng(seed), 'train', 3)
