@@ -6,6 +6,8 @@ Train the interleaved text + image model (nanoGPT style).
     python train.py config/smoke.py --max_iters=50   # ... and --key=value overrides (type-checked)
     python train.py --help                           # every knob, its default and what it does
     torchrun --standalone --nproc_per_node=2 train.py  # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node=8 train.py config/paper_modality.py   # FSDP2 (parallel.py), sharded checkpoints
+    python train.py config/paper_moe256.py --meta=True --gpus=8     # parameters and memory per GPU, nothing built
 
 The knobs are this file's (the optimiser, the schedule, the loop) and those of the components it builds:
 data.py (what the batches hold), model.py (the network), rae.py (the encoder). Every value is checked, and
@@ -18,31 +20,31 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import data
+import memory
+import parallel
 import pipeline
 import rae
-from configurator import configure, fail, json_line, knobs, precision, resolve_device, seed_of
+from configurator import configure, fail, json_line, knobs, precision, seed_of
 from loader import Loader
 from model import Transfusion
 from optim import configure_optimizer
 
 # -----------------------------------------------------------------------------
 # knobs of the run (config/default.py writes out the default run, components' knobs included)
-out_dir = 'out'           # the checkpoint (ckpt.pt) and the log (log.jsonl)
+out_dir = 'out'           # the checkpoint (ckpt.pt; under FSDP the sharded folder ckpt/) and the log (log.jsonl)
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
 seed = 1337               # weights, batches, t and noise all follow from it
 device = 'auto'           # auto | cpu | cuda | cuda:N
 dtype = 'auto'            # auto (bf16 on CUDA and CPUs with native bf16, else fp32) | float32 | bfloat16
 grad_accum = 1            # micro-batches per step (each batch_size rows, per process)
-data_workers = 0          # background processes building the next batches (0: built in the loop; loader.py)
+data_workers = -1         # background processes building the next batches (loader.py); -1: 4 on CUDA, 0 on CPU
 # optimiser (Transfusion's AdamW settings, docs/paper.md §5; optim.py)
 optimizer = 'adamw'       # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
 learning_rate = 1e-3      # peak learning rate (AdamW)
@@ -62,9 +64,11 @@ eval_interval = 200       # held-out losses and a checkpoint every this many ste
 eval_batches = 4          # held-out batches per document kind
 log_interval = 10         # a log.jsonl line every this many steps
 skip_nonfinite = False    # True: skip a step whose loss or gradient is NaN/inf (nothing updates); else stop there
-compile = False           # torch.compile the model
+compile = False           # torch.compile each transformer block
 fsdp = False              # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
-meta = False              # True: build the model on the meta device, print its parameter counts, exit
+meta = False              # True: build the model on the meta device, print its parameters and memory per GPU, exit
+gpus = 8                  # meta=True: plan the memory for this many GPUs
+gpu_gb = 80.0             # meta=True: of this many GB each
 # -----------------------------------------------------------------------------
 MAX_SKIPS = 10            # skip_nonfinite: this many skipped steps in a row stop the run (it will not recover)
 
@@ -86,8 +90,8 @@ def check_loop_knobs(cfg):
     for k in ('max_iters', 'grad_accum', 'eval_interval', 'eval_batches', 'log_interval'):
         if cfg[k] < 1:
             fail(f"{k} must be at least 1, got {cfg[k]}")
-    if cfg['data_workers'] < 0:
-        fail(f"data_workers must not be negative, got {cfg['data_workers']}")
+    if cfg['data_workers'] < -1 or cfg['gpus'] < 1 or cfg['gpu_gb'] <= 0:
+        fail(f"data_workers must be -1 (auto) or more, gpus and gpu_gb positive")
     if cfg['learning_rate'] <= 0 or cfg['min_lr'] < 0 or cfg['warmup_iters'] < 0 or cfg['lr_decay_iters'] < 0:
         fail("learning_rate must be positive; min_lr, warmup_iters and lr_decay_iters not negative")
     if cfg['grad_clip'] < 0 or cfg['weight_decay'] < 0 or not (0 <= cfg['beta1'] < 1 and 0 <= cfg['beta2'] < 1):
@@ -102,65 +106,46 @@ def check_loop_knobs(cfg):
         fail(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
 
 
-@dataclass
-class Setup:
-    """Where and how this process trains: what every step needs besides the model, its optimizer and data."""
-    cfg: dict              # the run's knobs
-    device: torch.device
-    ctx: object            # the forward's precision context: bf16 autocast or nothing (configurator.precision)
-    ddp: bool = False      # under torchrun: one of `world` processes
-    rank: int = 0
-    world: int = 1
-    sharded: bool = False  # FSDP2 (else DDP) when ddp
-
-
-def setup_distributed(cfg):
-    """-> Setup (precision unset). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
-    device = resolve_device(cfg['device'])
-    if int(os.environ.get('RANK', -1)) == -1:
-        return Setup(cfg, device, nullcontext())
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    if device.type == 'cuda':
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-        torch.cuda.set_device(device)
-    return Setup(cfg, device, nullcontext(), True, int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
-
-
 def count_only(cfg, tok):
-    """--meta=True: paper-scale shapes counted without allocating a byte."""
+    """--meta=True: the parameters, and the memory per GPU on `gpus` GPUs of `gpu_gb` (memory.py), without
+    allocating a byte; and how many such GPUs the config needs under FSDP."""
     encoder = rae.build_encoder(cfg, fit=False)
     mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
     with torch.device('meta'):
-        counts = Transfusion(mcfg).count_params()
+        net = Transfusion(mcfg)
+    counts = net.count_params()
     print(f"{mcfg.ffn} model, d_model {mcfg.d_model} x {mcfg.n_layer} layers: {counts['total'] / 1e9:.3f}B "
           f"parameters, {counts['active'] / 1e9:.3f}B active per token; {counts['paper_active'] / 1e9:.3f}B "
           f"paper-active (without routers and latent adapters, as docs/paper.md §1 counts)")
+    share = data.text_share(cfg['mixture'], tok, mcfg.n_latent, cfg['video_frames'])
+    plan = lambda n: memory.plan(net, {**cfg, 'fsdp': cfg['fsdp'] or n > 1}, n, share)
+    print(f"memory (fsdp={cfg['fsdp']}, {cfg['batch_size']} x {cfg['block_size']} tokens a GPU, text {share:.0%} "
+          f"of them): " + memory.report(plan(cfg['gpus']), cfg['gpus'], cfg['gpu_gb']))
+    fits = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if plan(n)['total'] <= cfg['gpu_gb'] * memory.GB),
+                None)
+    print(f"with FSDP it needs at least {fits} GPU{'s' if fits > 1 else ''} of {cfg['gpu_gb']:g} GB" if fits else
+          f"it does not fit 512 GPUs of {cfg['gpu_gb']:g} GB at this batch: lower batch_size")
 
 
-def wrap(model, run):
-    """FSDP2 under torchrun with fsdp=True (each block one unit of all-gather / reduce-scatter), in place,
-    before the optimizer sees the parameters; sets run.sharded."""
-    run.sharded = run.ddp and run.cfg['fsdp']
-    if run.sharded:
-        for blk in model.blocks:
-            fully_shard(blk)
-        fully_shard(model)
+def check_fits(net, cfg, tok, run):
+    """On CUDA, before any long work: refuse a launch whose memory estimate exceeds the GPU, naming it."""
+    if run.device.type != 'cuda':
+        return
+    share = data.text_share(cfg['mixture'], tok, net.cfg.n_latent, cfg['video_frames'])
+    need = memory.plan(net, {**cfg, 'fsdp': run.sharded, 'dtype': run.dtype}, run.world, share)
+    have = torch.cuda.get_device_properties(run.device).total_memory
+    if need['total'] > have:
+        fail(f"this launch needs ~{need['total'] / memory.GB:.1f} GB a GPU and the GPU has "
+             f"{have / memory.GB:.1f} GB: " + memory.report(need, run.world, have / memory.GB)
+             + " (more GPUs with fsdp=True, or a smaller batch_size)")
 
 
-def load_state(model, optimizer, ck, sharded):
-    if sharded:
-        set_state_dict(model, optimizer, model_state_dict=ck['model'], optim_state_dict=ck['optimizer'],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        model.load_state_dict(ck['model'])
-        optimizer.load_state_dict(ck['optimizer'])
-
-
-def train_step(model, raw_model, optimizer, batches, position, run):
+def train_step(model, optimizer, batches, position, run):
     """One optimizer step at data position `position` (its grad_accum micro-batches are the next ones of
-    `batches`, a loader.Loader; run: the Setup): the gradient norm, and the update only if the loss and the
-    gradient norm are finite on every rank (a skipped step changes nothing). Returns (lm, flow, total losses
-    as a tensor, MoE counts or 0, grad norm, whether it was applied)."""
+    `batches`, a loader.Loader; run: the parallel.Setup): the gradient norm, and the update only if the loss
+    and the gradient norm are finite on every rank (a skipped step changes nothing). Returns (lm, flow, total
+    losses as a tensor, MoE counts or 0, grad norm, whether it was applied). The one wait on the device per
+    step is that finiteness check, before the update."""
     cfg = run.cfg
     sums = torch.zeros(3, device=run.device)  # lm, flow, total (micro-step averages)
     counts = 0
@@ -174,9 +159,9 @@ def train_step(model, raw_model, optimizer, batches, position, run):
         batch = batch.to(run.device)
         sync = not run.ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
         if run.sharded:
-            raw_model.set_requires_gradient_sync(sync)
+            model.set_requires_gradient_sync(sync)
         with (nullcontext() if sync or run.sharded else model.no_sync()), run.ctx:
-            loss, m = model(batch)
+            loss, m = model(data.encode_pending(batch, run.encoder))
             (loss / cfg['grad_accum']).backward()
         sums += torch.stack([m['lm_loss'], m['flow_loss'], loss.detach()]) / cfg['grad_accum']
         counts = counts + m.get('counts', 0)
@@ -190,6 +175,31 @@ def train_step(model, raw_model, optimizer, batches, position, run):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums, counts, grad_norm, ok
+
+
+def build(cfg, tok, text, ck, run):
+    """The encoder (built by rank 0 first), the dataset and its caches, the model (initialised, sharded,
+    compiled as asked) and its optimizer, the checkpoint's state loaded into them. -> (encoder, dataset,
+    model, optimizer)."""
+    def encoder_and_data():
+        encoder = rae.build_encoder(cfg)
+        dataset = pipeline.make_dataset(cfg, tok, encoder, text, cfg['seed'])
+        dataset.build_caches()  # before the other ranks read them, and before any background worker starts
+        return encoder, dataset
+    encoder, dataset = run.after_rank0(encoder_and_data)
+    rae.check_width(cfg['d_model'], encoder)
+    if ck is not None:
+        pipeline.check_same_encoder(ck, encoder, os.path.join(cfg['out_dir'], 'ckpt.pt'))
+    run.encoder = encoder.to(run.device)
+    mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
+    with torch.device('meta'):
+        check_fits(Transfusion(mcfg), cfg, tok, run)
+    model = parallel.build_model(mcfg, run)
+    optimizer = configure_optimizer(model, cfg['optimizer'], cfg['learning_rate'], cfg['muon_lr'],
+                                    cfg['weight_decay'], (cfg['beta1'], cfg['beta2']), run.device.type)
+    if ck is not None:
+        pipeline.load_state(model, optimizer, ck)
+    return encoder, dataset, model, optimizer
 
 
 def main(argv):
@@ -208,46 +218,33 @@ def main(argv):
         if ck['step'] >= cfg['max_iters']:
             fail(f"{ckpt_path} is already at step {ck['step']}, max_iters={cfg['max_iters']}: raise max_iters "
                  f"to train further")
-    run = setup_distributed(cfg)
-    ddp, rank, world, device = run.ddp, run.rank, run.world, run.device
-    master = rank == 0
-    dtype, run.ctx = precision(cfg['dtype'], device)
-    torch.manual_seed(cfg['seed'])  # the same initial weights on every rank
+    run = parallel.setup(cfg)
+    run.dtype, run.ctx = precision(cfg['dtype'], run.device)
     # bit-identical reruns and resumes on CPU: embedding / index_put backward otherwise sum in thread order
-    torch.use_deterministic_algorithms(device.type == 'cpu')
+    torch.use_deterministic_algorithms(run.device.type == 'cpu')
+    encoder, dataset, raw_model, optimizer = build(cfg, tok, text, ck, run)
+    step, skipped = (ck['step'], ck.get('skipped', 0)) if ck is not None else (0, 0)
+    ck = None  # applied: the loaded tensors are not kept for the whole run
+    model = raw_model
+    if run.ddp and not run.sharded:
+        model = DDP(raw_model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+    loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped)
+    if run.ddp:
+        dist.barrier()   # rank 0 may still be writing the last checkpoint; tearing gloo down under it can abort
+        dist.destroy_process_group()
 
-    # rank 0 builds the RAE and the latent caches (or finds them in cache_dir, which multi-node runs must share
-    # or prebuild with `python rae.py`); the other ranks wait, then read the same files
-    if ddp and not master:
-        dist.barrier()
-    encoder = rae.build_encoder(cfg)
-    rae.check_width(cfg['d_model'], encoder)
-    if ck is not None:
-        pipeline.check_same_encoder(ck, encoder, ckpt_path)
-    mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
-    dataset = pipeline.make_dataset(cfg, tok, encoder, text, cfg['seed'])
-    dataset.pool('train'), dataset.pool('val')  # build the latent caches before the other ranks read them
-    if ddp and master:
-        dist.barrier()
-    raw_model = Transfusion(mcfg).to(device)
-    counts = raw_model.count_params()
-    wrap(raw_model, run)
-    model, sharded = raw_model, run.sharded
-    optimizer = configure_optimizer(raw_model, cfg['optimizer'], cfg['learning_rate'], cfg['muon_lr'],
-                                    cfg['weight_decay'], (cfg['beta1'], cfg['beta2']), device.type)
-    step, skipped = 0, 0  # optimizer steps taken; steps skipped (non-finite): the data position is their sum
-    if ck is not None:
-        load_state(raw_model, optimizer, ck, sharded)
-        step, skipped = ck['step'], ck.get('skipped', 0)
-    if cfg['compile']:
-        model = torch.compile(model)
-    if ddp and not sharded:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
+def loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped):
+    """Train from `step` to max_iters: held-out losses and a checkpoint every eval_interval steps, a log line
+    every log_interval; a SIGTERM on any rank makes every rank finish its step, save and stop."""
+    master = run.rank == 0
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
+        counts = raw_model.count_params()
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
-              f"ffn={mcfg.ffn}, flow alpha={mcfg.alpha:.2f}, device={device}, dtype={dtype}, world={world}")
+              f"ffn={raw_model.cfg.ffn}, flow alpha={raw_model.cfg.alpha:.2f}, device={run.device}, "
+              f"dtype={run.dtype}, world={run.world}{' (fsdp)' if run.sharded else ''}")
         log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
 
     def log_line(entry):
@@ -257,13 +254,14 @@ def main(argv):
 
     def save():
         pipeline.save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step,
-                                 {'encoder': encoder.state_dict(), 'skipped': skipped}, sharded)
+                                 {'encoder': encoder.state_dict(), 'skipped': skipped}, run.sharded)
 
-    batches = Loader(dataset, step + skipped, cfg['grad_accum'], world, rank, cfg['data_workers'],
-                     pin=device.type == 'cuda')
+    workers = cfg['data_workers'] if cfg['data_workers'] >= 0 else 4 if run.device.type == 'cuda' else 0
+    batches = Loader(dataset, step + skipped, cfg['grad_accum'], run.world, run.rank, workers,
+                     pin=run.device.type == 'cuda')
     stop = []  # SIGTERM (a scheduler's preemption): finish the step, save, exit cleanly
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * world
+    tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * run.world
     bar = tqdm(total=cfg['max_iters'], initial=step, disable=not master, dynamic_ncols=True)
     t_train, n_timed, in_a_row = 0.0, 0, 0
     while True:
@@ -284,7 +282,7 @@ def main(argv):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g['lr'] = lr * g.get('lr_scale', 1.0)  # (checkpoints from before optim.py have no lr_scale)
-        sums, moe_counts, grad_norm, ok = train_step(model, raw_model, optimizer, batches, step + skipped, run)
+        sums, moe_counts, grad_norm, ok = train_step(model, optimizer, batches, step + skipped, run)
         if not ok:
             what = f"the loss is {sums[2].item()} and the gradient norm {grad_norm.item()} at step {step}"
             if not cfg['skip_nonfinite']:
@@ -310,15 +308,12 @@ def main(argv):
                 entry['moe_max_load'] = (load.max(1).values / load.mean(1)).tolist()
                 entry['moe_dead'] = (load == 0).sum(1).tolist()
             log_line(entry)
-        if stop:
+        if run.agree(stop) and step < cfg['max_iters']:
             save()
             if master:
                 tqdm.write(f"SIGTERM: saved step {step} to {ckpt_path}; resume with --init_from=resume")
             break
     bar.close()
-    if ddp:
-        dist.barrier()   # rank 0 may still be writing the last checkpoint; tearing gloo down under it can abort
-        dist.destroy_process_group()
 
 
 if __name__ == '__main__':
