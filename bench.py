@@ -8,14 +8,22 @@ repeats). Prints a table and writes JSON.
     python bench.py --only=moe --threads=1   # the MoE layer paths on one CPU thread
     python bench.py --only=train --profile=True   # + where the training step's time goes (torch.profiler)
     python bench.py --suite=gpu              # the prepared GPU check, < 8 min on an H100: docs/bench_gpu_<gpu>.json
+    python bench.py --only=nanogpt --nanogpt=../nanoGPT   # our step beside nanoGPT's at a matched shape, fp32
 
-MFU = achieved FLOP/s / peak; model FLOPs per token = 6 * N_active + 12 * n_layer * d_model * T (the attention
-scores and values, forward and backward, as in nanoGPT). The peak is looked up for known GPUs, or --peak_tflops.
+FLOPs are counted two ways, each named in the JSON (model.Transfusion.train_flops): 'executed', the matmuls
+that run on the step's batch (one FFN per token, the LM head on text targets only, attention over the pairs or
+128-wide tiles the kernel computes), and '6N', the convention (6 per active parameter and token, plus
+12 n_layer d_model T), which counts work that never runs. MFU = achieved FLOP/s / the device's dense bf16 peak,
+looked up by the exact name torch reports (PEAKS_BF16), or --peak_tflops.
 """
 
+import cProfile
+import dataclasses
+import importlib.util
 import itertools
 import json
 import os
+import pstats
 import re
 import resource
 import statistics
@@ -26,6 +34,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity
 
+import data
 import pipeline
 import rae
 import tokenizer
@@ -39,7 +48,7 @@ from optim import configure_optimizer
 
 # -----------------------------------------------------------------------------
 out = 'out-bench/bench.json'  # where the JSON goes
-only = ''                 # '' = everything; or train | attention | moe | sampling
+only = ''                 # '' = everything; or train | attention | moe | sampling | data | nanogpt
 repeats = 5               # timed repeats per measurement (the median is reported)
 warmup = 2                # untimed calls before them
 threads = 0               # torch CPU threads; 0 = torch's default (the core count)
@@ -53,9 +62,16 @@ peak_tflops = 0.0         # 0 = look the device up (CUDA bf16 dense peaks below)
 suite = ''                # gpu: the prepared GPU check (test_cuda.py, the paper steps, MoE, data wait) -> docs/
 suite_dense = 'config/paper_modality.py'  # suite=gpu: the dense model's config file(s), comma-separated
 suite_moe = 'config/paper_moe256.py'      # suite=gpu: the MoE model's, timed against the dense one
+suite_layers = 4          # suite=gpu: both at this depth (the 13.5B MoE's 16 layers do not fit one 80 GB GPU)
+suite_args = ''           # suite=gpu: more --key=value flags for both models (the CPU dry run narrows them)
+nanogpt = ''              # a folder holding nanoGPT's model.py (not part of this repository) for --only=nanogpt
 # -----------------------------------------------------------------------------
 
-PEAKS_BF16 = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L4': 121.0, 'RTX 4090': 165.0}  # dense TFLOP/s
+# dense bf16 tensor-core TFLOP/s (the vendors' data sheets, without sparsity), by torch.cuda.get_device_name()
+PEAKS_BF16 = {'NVIDIA H100 80GB HBM3': 989.4, 'NVIDIA H100 PCIe': 756.0, 'NVIDIA H100 NVL': 835.0,
+              'NVIDIA H200': 989.4, 'NVIDIA H200 NVL': 835.0, 'NVIDIA A100-SXM4-80GB': 312.0,
+              'NVIDIA A100-SXM4-40GB': 312.0, 'NVIDIA A100 80GB PCIe': 312.0, 'NVIDIA A100-PCIE-40GB': 312.0,
+              'NVIDIA L4': 121.0, 'NVIDIA GeForce RTX 4090': 165.2}
 
 
 def timed(fn, device):
@@ -74,14 +90,30 @@ def timed(fn, device):
     return statistics.median(times)
 
 
+def device_peak(cfg, device):
+    """The device's dense bf16 peak (--peak_tflops overrides; 0 where unknown: no MFU then)."""
+    if cfg['peak_tflops'] or device.type != 'cuda':
+        return cfg['peak_tflops']
+    name = torch.cuda.get_device_name(device)
+    if name not in PEAKS_BF16:
+        print(f"  no peak known for {name!r}: pass --peak_tflops for an MFU")
+    return PEAKS_BF16.get(name, 0.0)
+
+
 def bench_train(cfg, device):
+    """One training step (forward, backward, optimizer) on the config's model and a real batch, its pending
+    pictures encoded on the device as train.py does; FLOPs executed and by the 6N convention, each with its MFU;
+    the data side: building a batch, and the share of a step spent waiting for one (data_wait)."""
     tok, text = pipeline.check(cfg)
     encoder = rae.build_encoder(cfg)
     mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
     dataset = pipeline.make_dataset(cfg, tok, encoder, text, seed=0)
+    dataset.build_caches()
+    encoder.to(device)
     model = Transfusion(mcfg).to(device)
+    if cfg['compile']:
+        model.compile_blocks()
     opt = configure_optimizer(model, cfg['optimizer'], 1e-4, cfg['muon_lr'] / 10, 0.1, (0.9, 0.95), device.type)
-    fwd = torch.compile(model) if cfg['compile'] else model
     batch = dataset.get('train', 0).to(device)
     dtype, amp = precision(cfg['dtype'], device)
     if device.type == 'cuda':
@@ -89,27 +121,30 @@ def bench_train(cfg, device):
 
     def step(b=batch):
         with amp:
-            loss, _ = fwd(b)
+            loss, _ = model(data.encode_pending(dataclasses.replace(b), encoder))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     sec = timed(step, device)
     steps = itertools.count(1)  # the data side of a step: build (pack) a fresh training batch
+    workers = cfg['data_workers'] if cfg['data_workers'] >= 0 else 4 if device.type == 'cuda' else 0
     res_data = {'data_ms_per_batch': 1e3 * timed(lambda: dataset.get('train', next(steps)), torch.device('cpu')),
-                **data_wait(step, dataset, cfg['data_workers'], device)}
+                **data_wait(step, dataset, workers, device)}
+    flex = model.make_mask(batch.doc[:1, :1], batch.block[:1, :1], True).__class__.__name__ == 'BlockMask'
+    flops = model.train_flops(data.encode_pending(dataclasses.replace(batch), encoder), tile=128 if flex else 0)
     tokens = cfg['batch_size'] * cfg['block_size']
-    n_active = model.count_params()['active']
-    flops_per_token = model.flops_per_token()
     res = {'config': {**{k: cfg[k] for k in ('d_model', 'n_layer', 'ffn', 'block_size', 'batch_size', 'compile')},
-                      'dtype': dtype},
-           'params_active': n_active, 'ms_per_step': 1e3 * sec, 'tokens_per_s': tokens / sec,
-           'flops_per_token': flops_per_token, 'achieved_tflops': flops_per_token * tokens / sec / 1e12,
+                      'dtype': dtype, 'attention': 'flex' if flex else 'sdpa'},
+           'params_active': model.count_params()['active'], 'ms_per_step': 1e3 * sec, 'tokens_per_s': tokens / sec,
+           'flops_per_step_executed': flops['executed'], 'flops_per_step_6N': flops['6N'],
+           'achieved_tflops_executed': flops['executed'] / sec / 1e12, 'achieved_tflops_6N': flops['6N'] / sec / 1e12,
            **res_data}
-    peak = cfg['peak_tflops'] or (next((v for k, v in PEAKS_BF16.items() if k in torch.cuda.get_device_name()), 0)
-                                 if device.type == 'cuda' else 0)
+    peak = device_peak(cfg, device)
     if peak:
-        res['mfu'] = res['achieved_tflops'] / peak
+        res['peak_tflops'] = peak
+        res['mfu_executed'] = res['achieved_tflops_executed'] / peak
+        res['mfu_6N'] = res['achieved_tflops_6N'] / peak
     res['peak_memory_mb'] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == 'cuda'
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if cfg['profile']:
@@ -240,39 +275,110 @@ def bench_sampling(device):
     return res
 
 
+def bench_data(cfg):
+    """Where building one training batch goes, at the config's shapes (on the host, where workers build them):
+    ms per batch, and the functions that take the most of it (cProfile, cumulative)."""
+    tok, text = pipeline.check(cfg)
+    dataset = pipeline.make_dataset(cfg, tok, rae.build_encoder(cfg), text, seed=0)
+    dataset.build_caches()
+    dataset.get('train', 0)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for i in range(1, 1 + repeats):
+        dataset.get('train', i)
+    prof.disable()
+    ms = 1e3 * (time.perf_counter() - t0) / repeats
+    stats = pstats.Stats(prof).sort_stats('cumulative')
+    rows = sorted(((f"{os.path.basename(f)}:{fn}", ct / repeats * 1e3) for (f, _, fn), (_, _, _, ct, _) in
+                   stats.stats.items() if 'site-packages' not in f and not f.startswith('<')), key=lambda r: -r[1])
+    return {'ms_per_batch': ms, 'rows': cfg['batch_size'], 'block_size': cfg['block_size'],
+            'image_size': cfg['image_size'], 'top_ms': [{'where': w, 'ms': round(t, 2)} for w, t in rows[1:9]]}
+
+
+def bench_nanogpt(cfg, device):
+    """Our step beside nanoGPT's at one shape (d 256, 4 layers, 8 heads, 8 x 256 tokens, fp32, AdamW), timed
+    interleaved: ours on a real batch of the default mixture (pictures, flow loss, per-modality FFN), theirs
+    on text (model.py of the folder --nanogpt names; nanoGPT is not part of this repository)."""
+    if not cfg['nanogpt'] or not os.path.isfile(os.path.join(cfg['nanogpt'], 'model.py')):
+        return {'skipped': 'pass --nanogpt=<a folder holding nanoGPT\'s model.py>'}
+    spec = importlib.util.spec_from_file_location('nanogpt_model', os.path.join(cfg['nanogpt'], 'model.py'))
+    theirs_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(theirs_mod)
+    shape = dict(d_model=256, n_layer=4, n_head=8, block_size=256, batch_size=8)
+    run_cfg = {**cfg, **shape, 'dtype': 'float32'}
+    tok, text = pipeline.check(run_cfg)
+    encoder = rae.build_encoder(run_cfg)
+    dataset = pipeline.make_dataset(run_cfg, tok, encoder, text, seed=0)
+    ours = Transfusion(pipeline.model_config(run_cfg, tok, encoder.d_latent, encoder.n_tokens)).to(device)
+    theirs = theirs_mod.GPT(theirs_mod.GPTConfig(block_size=256, vocab_size=ours.cfg.vocab_size, n_layer=4, n_head=8,
+                                                 n_embd=256, dropout=0.0, bias=False)).to(device)
+    batch = data.encode_pending(dataset.get('train', 0).to(device), encoder)
+    idx = torch.randint(0, ours.cfg.vocab_size, (8, 256), device=device)
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, theirs)}
+    steps = {'ours': lambda: ours(batch)[0], 'nanogpt': lambda: theirs(idx, idx)[1]}
+    times = {k: [] for k in steps}
+    for i in range(warmup + repeats):
+        for k, fwd in steps.items():
+            m = ours if k == 'ours' else theirs
+            t0 = time.perf_counter()
+            fwd().backward()
+            opts[m].step()
+            opts[m].zero_grad(set_to_none=True)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {'shape': shape, 'ms_ours': ms['ours'], 'ms_nanogpt': ms['nanogpt'], 'ours_over_nanogpt': ms['ours'] /
+            ms['nanogpt'], 'params_ours': sum(p.numel() for p in ours.parameters()),
+            'params_nanogpt': sum(p.numel() for p in theirs.parameters())}
+
+
 def gpu_suite(defaults, cfg, device, name):
-    """The prepared GPU check in one command: the CUDA tests, the dense paper-scale step with compile off and on
-    (MFU), the MoE step against it (moe_vs_dense, tokens/s), the MoE layer grouped vs loop at E = 64, and the
-    share of the step spent waiting for data with 4 background workers. One JSON, named after the GPU."""
+    """The prepared GPU check in one command, every section guarded and the JSON rewritten as each completes
+    (a failure loses only its own numbers): the CUDA tests; the dense paper-width step eager and compiled
+    (MFU, executed and 6N) and the MoE's at the same depth (suite_layers: the 13.5B MoE's 16 layers do not fit
+    one 80 GB GPU), MoE tokens/s against dense at equal active parameters; the data wait with background
+    workers; the MoE layer grouped vs loop; flex vs SDPA. One JSON, named after the GPU."""
     t0 = time.time()
-    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', 'tests/test_cuda.py'], capture_output=True,
-                       text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
-    res = {'device': name, 'torch': torch.__version__, 'test_cuda': {
-        'returncode': r.returncode, 'summary': (r.stdout.strip().splitlines() or [''])[-1]}}
-    print(f"[test_cuda.py] {res['test_cuda']['summary']}", flush=True)
-    # one 4,096-token row a step, a small picture pool (224-pixel latents of 16,384 pictures would be 5 GB)
-    shapes = ['--batch_size=1', '--n_images=256', '--rae_images=256', '--data_workers=4']
-    for tag, path, compiled in (('dense_eager', cfg['suite_dense'], False),
-                                ('dense_compiled', cfg['suite_dense'], True),
-                                ('moe', cfg['suite_moe'], None)):
-        if compiled is None:  # the MoE step in whichever mode the dense one was faster
-            compiled = res['dense_compiled']['tokens_per_s'] > res['dense_eager']['tokens_per_s']
-        print(f"[{tag}] {path} ...", flush=True)
-        run_cfg = configure(defaults, [*path.split(','), *shapes, f'--compile={compiled}', f'--device={cfg["device"]}'])
-        res[tag] = bench_train(run_cfg, device)
-        print(f"  {res[tag]['ms_per_step']:.1f} ms, {res[tag]['tokens_per_s']:.0f} tokens/s, "
-              f"MFU {res[tag].get('mfu', float('nan')):.3f}, data wait {res[tag]['data_wait_share']:.1%}", flush=True)
-    best = max(res['dense_eager']['tokens_per_s'], res['dense_compiled']['tokens_per_s'])
-    res['moe_vs_dense'] = res['moe']['tokens_per_s'] / best
-    print("[moe layer] ...", flush=True)
-    res['moe_layer'] = bench_moe({**cfg, 'moe_pools': '64'}, device)
-    res['seconds'] = time.time() - t0
     path = (cfg['out'] if cfg['out'] != out else  # --out, or docs/ named after the GPU
             os.path.join('docs', f"bench_gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}.json"))
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(res, f, indent=1, default=str)
-    print(f"moe_vs_dense {res['moe_vs_dense']:.2f}; wrote {path} in {res['seconds']:.0f} s")
+    res = {'device': name, 'torch': torch.__version__}
+    shrink = [f'--n_layer={cfg["suite_layers"]}', '--batch_size=1', '--grad_accum=1', '--n_images=256',
+              '--rae_images=256', *cfg['suite_args'].split()]
+
+    def section(tag, fn):
+        print(f"[{tag}] ...", flush=True)
+        try:
+            res[tag] = fn()
+        except Exception as e:  # record it and go on: the other sections' numbers still count
+            res[tag] = {'error': f"{type(e).__name__}: {str(e)[:500]}"}
+        res['seconds'] = time.time() - t0
+        with open(path, 'w') as f:
+            json.dump(res, f, indent=1, default=str)
+        print(f"  {res[tag]}"[:400], flush=True)
+
+    def test_cuda():
+        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', 'tests/test_cuda.py'], capture_output=True,
+                           text=True, timeout=240, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return {'returncode': r.returncode, 'summary': (r.stdout.strip().splitlines() or [''])[-1]}
+
+    def train_of(paths, compiled):
+        return bench_train(configure(defaults, [*paths.split(','), *shrink, f'--compile={compiled}',
+                                                f'--device={cfg["device"]}']), device)
+    section('test_cuda', test_cuda)
+    section('dense_eager', lambda: train_of(cfg['suite_dense'], False))
+    section('dense_compiled', lambda: train_of(cfg['suite_dense'], True))
+    compiled = res['dense_compiled'].get('tokens_per_s', 0) > res['dense_eager'].get('tokens_per_s', 0)
+    section('moe', lambda: train_of(cfg['suite_moe'], compiled))
+    dense = max(res[k].get('tokens_per_s', 0) for k in ('dense_eager', 'dense_compiled'))
+    if dense and 'tokens_per_s' in res['moe']:
+        res['moe_vs_dense'] = res['moe']['tokens_per_s'] / dense
+    section('moe_layer', lambda: bench_moe({**cfg, 'moe_pools': '64'}, device))
+    section('attention', lambda: bench_attention(device))
+    print(f"wrote {path} in {res['seconds']:.0f} s")
 
 
 def main(argv):
@@ -290,12 +396,14 @@ def main(argv):
         fail(f"--suite must be gpu (or empty), got {cfg['suite']!r}")
     if cfg['suite'] == 'gpu':
         if device.type != 'cuda' and cfg['device'] != 'cpu':
-            fail("--suite=gpu needs a CUDA GPU (--device=cpu runs it here as a dry run, with small configs: "
-                 "--suite_dense=config/smoke.py --suite_moe=config/smoke.py,config/moe.py)")
+            fail("--suite=gpu needs a CUDA GPU (--device=cpu runs it here as a dry run, narrowed: "
+                 "--suite_layers=1 --suite_args='--d_model=64 --n_head=4 --n_kv_head=2 --d_ff=128 --vocab_size=0 "
+                 "--moe_experts=6 --moe_top_k=3 --moe_d_expert=32')")
         name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu dry run'
         return gpu_suite(defaults, cfg, device, name)
     sections = {'train': lambda: bench_train(cfg, device), 'attention': lambda: bench_attention(device),
-                'moe': lambda: bench_moe(cfg, device), 'sampling': lambda: bench_sampling(device)}
+                'moe': lambda: bench_moe(cfg, device), 'sampling': lambda: bench_sampling(device),
+                'data': lambda: bench_data(cfg), 'nanogpt': lambda: bench_nanogpt(cfg, device)}
     if cfg['only'] and cfg['only'] not in sections:
         fail(f"--only must be one of {', '.join(sections)}, got {cfg['only']!r}")
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f"CPU ({torch.get_num_threads()} threads)"
@@ -305,7 +413,7 @@ def main(argv):
             print(f"[{key}] ...", flush=True)
             results[key] = fn()
             for k, v in results[key].items():
-                if k not in ('table', 'profile'):
+                if k not in ('table', 'profile', 'top_ms'):
                     print(f"  {k:24s} {v if not isinstance(v, float) else f'{v:.4g}'}")
     os.makedirs(os.path.dirname(cfg['out']) or '.', exist_ok=True)
     with open(cfg['out'], 'w') as f:

@@ -49,6 +49,13 @@ KNOBS = dict(
     video_fps=0.0,           # video_folder: frames sampled per second of video (0 = every frame)
     block_size=256,          # tokens per packed row (a 5-frame clip of 16-latent frames is ~110; 64-latent: 512)
     batch_size=8,            # rows per micro-batch, per process
+    image_shards='',         # image-text tars ({key}.jpg|png|webp + .txt or .json caption, img2dataset's): a glob, {0..9} range, comma list, folder or URLs
+    video_shards='',         # video tars ({key}.mp4|gif + .txt caption or .actions lines) for video and action documents
+    text_shards='',          # text: JSON lines with a text field (.jsonl, .jsonl.gz, .jsonl.zst with zstandard) or parquet (with pyarrow)
+    val_shards='',           # held-out shards among the lists above ('' = samples held out by a hash of their key)
+    shard_val_share=0.01,    # shards: the share of samples held out, by key hash (when val_shards is '')
+    shard_buffer=512,        # shards: the shuffle buffer of each reader, in samples
+    shard_max_bad=0.2,       # shards: more than this share of a reader's samples unusable stops the run
 )
 TEXT_MAX_BYTES = 256 << 20   # a text_source larger than this is refused (it is read whole)
 TEXT_TIMEOUT_S = 120         # a text_source URL must arrive within this many seconds
@@ -79,7 +86,7 @@ def world_document(kind, rng, pool, p_uncond=0.0):
         return [world.text_document(rng)]
     scenes, latents = pool
     i = int(rng.integers(len(scenes)))
-    scene, z = scenes[i], torch.from_numpy(np.asarray(latents[i], dtype=np.float32))
+    scene, z = scenes[i], torch.from_numpy(np.array(latents[i]))   # float16, as batches carry it
     def caption():  # drawn only where used, so a qa document's random stream is its questions alone
         return scene if isinstance(scene, str) else world.caption(scene, rng)
     if kind == 'caption2image':
@@ -230,12 +237,18 @@ class Batch:
     latents: torch.Tensor     # (L, d) float16: clean latents (zeros where pending)
     pixels: torch.Tensor      # (P, H, W, 3) uint8: pictures whose latents are still to be computed
     pending: torch.Tensor     # (P,) long: the visual block (counted row-major over the batch) each one fills
+    streams = None            # not a field: {reader: state} of the shard readers this batch advanced (shard_data.py)
 
     def to(self, device):
-        return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
+        return self.keep_streams(Batch(*(getattr(self, f).to(device, non_blocking=True)
+                                         for f in self.__dataclass_fields__)))
 
     def pin_memory(self):  # DataLoader(pin_memory=True) calls this on custom types: page-locked, for async copies
-        return Batch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
+        return self.keep_streams(Batch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__)))
+
+    def keep_streams(self, other):
+        other.streams = self.streams
+        return other
 
 
 @torch.no_grad()
@@ -293,16 +306,15 @@ def pack(rows, tok, T, n_latent, d_latent):
     targets = torch.full((B, T), -1, dtype=torch.long)
     same = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0) & (modality[:, 1:] == 0) & (modality[:, :-1] == 0)
     targets[:, :-1] = torch.where(same, tokens[:, 1:], -1)
-    latents = torch.zeros(len(visuals), n_latent, d_latent, dtype=torch.float16)
-    for k, v in enumerate(visuals):
-        if v.latents is not None:
-            latents[k] = v.latents
+    empty = torch.zeros(n_latent, d_latent, dtype=torch.float16)
+    latents = torch.stack([empty if v.latents is None else v.latents.to(torch.float16) for v in visuals]) \
+        if visuals else empty[:0]
     pending = [k for k, v in enumerate(visuals) if v.latents is None]
     pixels = (torch.from_numpy(np.stack([visuals[k].image for k in pending])) if pending
               else torch.zeros(0, 1, 1, 3, dtype=torch.uint8))
     return Batch(tokens, targets, modality, block, doc, pos, targets.flatten().ge(0).nonzero().squeeze(1),
                  modality.flatten().nonzero().squeeze(1),
-                 torch.tensor([v.target for v in visuals for _ in range(n_latent)], dtype=torch.bool),
+                 torch.tensor([v.target for v in visuals], dtype=torch.bool).repeat_interleave(n_latent),
                  latents.view(-1, d_latent), pixels, torch.tensor(pending, dtype=torch.long))
 
 
@@ -504,7 +516,7 @@ class WorldData:
     caption->image and image->caption documents, a folder of clips the world's in video and action ones."""
 
     def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, p_uncond=0.1, text=None,
-                 n_images=16384, cache_dir='cache', video_frames=5, images=None, videos=None):
+                 n_images=16384, cache_dir='cache', video_frames=5, images=None, videos=None, shards=None):
         self.tok, self.encoder, self.T, self.B = tok, encoder, block_size, batch_size
         self.kinds, self.probs = parse_mixture(mixture)
         self.seed, self.p_uncond = seed, p_uncond
@@ -513,6 +525,7 @@ class WorldData:
         self.n_images, self.cache_dir, self.pools = {'train': n_images, 'val': min(N_VAL, n_images)}, cache_dir, {}
         self.video_frames = video_frames
         self.images, self.videos = images, videos
+        self.shards = shards  # shard_data.ShardData: streams of image-text, video and text shards, or None
 
     def pool(self, split):
         """(scenes, latents) of a split: what world documents draw their pictures from."""
@@ -528,14 +541,22 @@ class WorldData:
         whatever the mixture; a video folder's frames), built now: the first time encodes them, once. After
         this, making a batch never runs the encoder on a pool, so background workers never need it."""
         for split in ('train', 'val'):
-            self.pool(split)
+            if self.shards is None or not self.shards.serves('caption2image'):
+                self.pool(split)
             if self.videos is not None and {'video', 'action'} & set(self.kinds):
                 self.videos.latents(split, self.video_frames, self.encoder)
+
+    def start_streams(self, n_groups, slots, states):
+        """loader.Loader: the shard readers' layout and the checkpoint's reader states (no shards: nothing)."""
+        if self.shards is not None:
+            self.shards.start_streams(n_groups, slots, states)
 
     def documents(self, rng, kinds, probs, p_uncond, split):
         while True:
             kind = kinds[rng.choice(len(kinds), p=probs)]
-            if kind == 'text' and self.text is not None:
+            if self.shards is not None and self.shards.serves(kind):
+                yield self.shards.document(kind, rng, split, p_uncond)
+            elif kind == 'text' and self.text is not None:
                 yield [text_chunk(self.text, rng, self.tok, self.T)]
             elif kind in ('video', 'action') and self.videos is not None:
                 room = self.T - self.video_frames * (self.n_latent + 2) - 2
@@ -548,6 +569,8 @@ class WorldData:
 
     def get(self, split, step, index=0, mixture=None):
         kinds, probs = (self.kinds, self.probs) if mixture is None else parse_mixture(mixture)
+        if self.shards is not None:  # which readers serve this batch (held-out streams restart at step 0)
+            self.shards.begin(split, step, index, mixture or '', lambda j: self.get(split, j, index, mixture))
         rng = np.random.default_rng([self.seed, SPLITS[split], step, index])
         p_uncond = self.p_uncond if split == 'train' else 0.0
         docs = self.documents(rng, kinds, probs, p_uncond, split)
@@ -564,9 +587,14 @@ class WorldData:
             row = next((i for i in range(self.B) if free[i] >= n), None)
             if row is None:
                 misses += 1
+                if self.shards is not None:   # a shard sample is not lost: it starts the reader's next batch
+                    self.shards.put_back(d)
                 continue
             rows[row].append(d)
             free[row] -= n
             misses = 0
         # video frames are drawn fresh (not from the pool): they travel as pixels, encoded on the device
-        return pack(rows, self.tok, self.T, self.n_latent, self.encoder.d_latent)
+        batch = pack(rows, self.tok, self.T, self.n_latent, self.encoder.d_latent)
+        if self.shards is not None:
+            batch.streams = self.shards.take_states()
+        return batch

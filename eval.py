@@ -155,9 +155,11 @@ def heldout_walks(n, n_frames, seed):
 
 
 def encode_frames(encoder, frames, device):
-    """uint8 [B, F, H, W, 3] -> latents [B, F, N, d] on device."""
+    """uint8 [B, F, H, W, 3] world frames (32²) -> latents [B, F, N, d] on device, resized to the encoder's
+    picture size as training clips are (data.at_res)."""
     B, F = frames.shape[:2]
-    z = encoder.encode(data.image_tensor(frames.reshape(B * F, *frames.shape[2:])).to(device))
+    frames = data.at_res(frames.reshape(B * F, *frames.shape[2:]), encoder.res)
+    z = encoder.encode(data.image_tensor(frames).to(device))
     return z.view(B, F, *z.shape[1:])
 
 
@@ -195,7 +197,8 @@ def motion_errors(encoder, last, future, true):
     between consecutive pictures and compare with the true shifts (B arrays [H, 2]): per-step (RPE) and
     accumulated (ATE) errors in pixels, as lists over B x H."""
     seq = torch.cat([last, future], 1)
-    pics = to_uint8(encoder.decode(seq.flatten(0, 1))).reshape(*seq.shape[:2], encoder.res, encoder.res, 3)
+    pics = data.at_res(to_uint8(encoder.decode(seq.flatten(0, 1))), world.RES)   # shifts are in world pixels
+    pics = pics.reshape(*seq.shape[:2], world.RES, world.RES, 3)
     err = {'rpe': [], 'ate': []}
     for p, t in zip(pics, true):
         est = np.array([video.estimate_shift(p[k], p[k + 1]) for k in range(len(t))])
@@ -213,13 +216,13 @@ def planning(model, tok, encoder, n, context, steps, seed, population=32, iters=
     action."""
     rng = np.random.default_rng([seed, 23])
     device = next(model.parameters()).device
-    lim = video.MAP_SIZE - encoder.res
+    lim = video.MAP_SIZE - world.RES
     plan_err, random_err = [], []
     for map_id, frames, actions, positions in tqdm(heldout_walks(n, context, seed + 1), desc='planning',
                                                    leave=False):
         x, y = positions[-1]
         goal = np.clip(np.array([x, y]) + rng.integers(-video.MAX_STEP, video.MAX_STEP + 1, 2), 0, lim)
-        z_goal = encoder.encode(data.image_tensor([video.view(video.make_map(map_id), *goal)]).to(device))
+        z_goal = encode_frames(encoder, video.view(video.make_map(map_id), *goal)[None, None], device)[0]
         z_ctx = encode_frames(encoder, frames[None], device).expand(population, -1, -1, -1)
         acts = [video.format_action(*a) for a in actions]
         mu, sd = np.zeros(2), np.full(2, video.MAX_STEP / 2)

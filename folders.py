@@ -284,6 +284,6 @@ class VideoFolder:
         for i in range(n_frames):
             if i and kind == 'action':
                 doc.append(self.actions[name][start + i - 1])
-            lat = np.asarray(z[first + start + i], dtype=np.float32)
+            lat = np.array(z[first + start + i])   # float16, as batches carry it
             doc.append(data.Visual(None, bool(target[i]), torch.from_numpy(lat)))
         return doc

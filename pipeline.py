@@ -27,6 +27,7 @@ import data
 import folders
 import model
 import rae
+import shard_data
 import tokenizer
 from configurator import fail, save_atomic
 
@@ -85,7 +86,9 @@ def check(cfg):
         except ValueError as e:
             fail(e)
     check_folders(cfg, kinds, tok, n_latent)
+    sharded = shard_data.check(cfg, kinds, tok, n_latent)   # shard documents are cut to fit too
     world_kinds = [k for k in kinds if not (k == 'text' and text is not None)  # real text is cut to fit
+                   and k not in sharded
                    and not (cfg['image_folder'] and k in ('caption2image', 'image2caption'))
                    and not (cfg['video_folder'] and k in ('video', 'action'))]
     for kind, n in data.longest_documents(world_kinds, tok, n_latent, cfg['video_frames']).items():
@@ -126,10 +129,12 @@ def make_dataset(cfg, tok, encoder, text, seed):
     images = folders.open_images(cfg['image_folder'], encoder.res, cfg['cache_dir']) if cfg['image_folder'] else None
     videos = (folders.open_videos(cfg['video_folder'], encoder.res, cfg['cache_dir'], cfg['video_fps'])
               if cfg['video_folder'] else None)
+    streams = (shard_data.ShardData(cfg, tok, encoder.res, encoder.n_tokens, seed)
+               if any(cfg[k] for k in shard_data.FORMATS) else None)
     return data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], seed=seed,
                           p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
                           cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'], images=images,
-                          videos=videos)
+                          videos=videos, shards=streams)
 
 
 @torch.no_grad()
@@ -151,9 +156,9 @@ def held_out_losses(net, dataset, n_batches, ctx=nullcontext(), t_grid=()):
         for name, kind, key, t in kinds:
             losses = []
             for i in range(n_batches):
+                batch = dataset.get('val', i, mixture=kind).to(device)
                 with ctx:
-                    batch = data.encode_pending(dataset.get('val', i, mixture=kind).to(device), dataset.encoder)
-                    losses.append(net(batch, t_fixed=t)[1][key].item())
+                    losses.append(net(data.encode_pending(batch, dataset.encoder), t_fixed=t)[1][key].item())
             out[f'val_{name}_loss'] = sum(losses) / len(losses)
     out['val_text_ppl'] = math.exp(min(out['val_text_loss'], 700))  # exp overflows past ~709
     net.train(was_training)

@@ -94,16 +94,16 @@ def write_rollout(model, tok, encoder, actions, path, steps, seed, context=4):
     for dx, dy in moves:
         x, y = x + dx, y + dy
         try:
-            truth.append(video.view(video.make_map(map_id), x, y, encoder.res))
+            truth.append(video.view(video.make_map(map_id), x, y))
         except ValueError:
             fail(f"the actions {actions!r} walk off the map (to x={x}, y={y})")
     device = next(model.parameters()).device
-    z = encoder.encode(data.image_tensor(list(frames[:context])).to(device))[None]
+    z = encoder.encode(data.image_tensor(data.at_res(frames[:context], encoder.res)).to(device))[None]
     try:
         pred = rollout(model, tok, z, [video.format_action(*a) for a in walk[:context - 1]] + texts, steps, seed)[0]
     except ValueError as e:
         fail(e)
-    top = np.concatenate([frames[:context], to_uint8(encoder.decode(pred))])
+    top = np.concatenate([frames[:context], data.at_res(to_uint8(encoder.decode(pred)), world.RES)])
     video.write_gif(path, np.concatenate([top, np.stack(truth)], axis=1), fps=2, scale=4)
 
 

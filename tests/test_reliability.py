@@ -362,14 +362,20 @@ def test_a_run_with_data_workers_ends_bit_identical_to_one_without_across_a_resu
 
 
 @pytest.mark.slow
-def test_the_prepared_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+def test_the_prepared_gpu_check_runs_end_to_end_as_a_cpu_dry_run_at_224(tmp_path):
+    """bench.py --suite=gpu on the paper configs at 224² and 4,096 tokens, narrowed in width, depth and experts:
+    every section completes and writes its numbers (FLOPs executed and by 6N, both MFUs absent without a peak)."""
     out = tmp_path / 'gpu.json'
-    r = run_script('bench.py', '--suite=gpu', '--device=cpu', '--suite_dense=config/smoke.py', '--repeats=1',
-                   '--warmup=1', '--suite_moe=config/smoke.py,config/moe.py', '--moe_tokens=256', f'--out={out}',
-                   timeout=600)
+    r = run_script('bench.py', '--suite=gpu', '--device=cpu', '--suite_layers=1', '--repeats=1', '--warmup=1',
+                   '--suite_args=--d_model=64 --n_head=4 --n_kv_head=2 --d_ff=128 --vocab_size=0 --n_images=16 '
+                   '--moe_experts=6 --moe_top_k=3 --moe_d_expert=32 --data_workers=1',
+                   '--moe_tokens=256', f'--out={out}', f'--cache_dir={tmp_path / "cache"}', timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res['device'] == 'cpu dry run' and 'skipped' in res['test_cuda']['summary']
-    assert res['moe_vs_dense'] > 0 and 0 <= res['dense_eager']['data_wait_share'] <= 1
+    assert not [k for k, v in res.items() if isinstance(v, dict) and 'error' in v], res
+    dense = res['dense_eager']
+    assert dense['config']['block_size'] == 4096 and dense['flops_per_step_executed'] < dense['flops_per_step_6N']
+    assert res['moe_vs_dense'] > 0 and 0 <= dense['data_wait_share'] <= 1 and dense['data_workers'] == 1
     assert res['dense_compiled']['config']['compile'] and res['moe']['config']['ffn'] == 'moe'
     assert res['moe_layer']['E64_fast_over_loop'] > 0
