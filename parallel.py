@@ -16,7 +16,7 @@ fp32; the master weights and the optimizer stay fp32 and sharded.
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -42,6 +42,15 @@ class Setup:
     sharded: bool = False  # FSDP2 (else DDP) when ddp
     encoder: object = None  # encodes a batch's pending pictures on the device (data.encode_pending)
     cpu_group: object = None  # a gloo group for waits and flags: no GPU sync, and its own (long) timeout
+    streams: dict = field(default_factory=dict)  # the last state of each shard reader this rank trained on
+
+    def gather_streams(self):
+        """{reader: state} of every rank's shard readers (each rank holds its own), for the checkpoint."""
+        if not self.ddp:
+            return dict(self.streams)
+        parts = [None] * self.world
+        dist.all_gather_object(parts, self.streams, group=self.cpu_group)
+        return {k: v for part in parts for k, v in part.items()}
 
     def after_rank0(self, build):
         """Run build() on rank 0 first, then on the others (which then find its files): rank 0 builds caches

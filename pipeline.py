@@ -85,8 +85,8 @@ def check(cfg):
             text = data.load_text(cfg['text_source'])
         except ValueError as e:
             fail(e)
-    check_folders(cfg, kinds, tok, n_latent)
     sharded = shard_data.check(cfg, kinds, tok, n_latent)   # shard documents are cut to fit too
+    check_folders(cfg, kinds, tok, n_latent)
     world_kinds = [k for k in kinds if not (k == 'text' and text is not None)  # real text is cut to fit
                    and k not in sharded
                    and not (cfg['image_folder'] and k in ('caption2image', 'image2caption'))

@@ -31,10 +31,12 @@ import memory
 import parallel
 import pipeline
 import rae
+import shard_data
 from configurator import configure, fail, json_line, knobs, precision, seed_of
 from loader import Loader
 from model import Transfusion
 from optim import configure_optimizer
+from shards import DataError
 
 # -----------------------------------------------------------------------------
 # knobs of the run (config/default.py writes out the default run, components' knobs included)
@@ -156,6 +158,7 @@ def train_step(model, optimizer, batches, position, run):
         torch.manual_seed(seed_of(cfg['seed'], position, g))
         at, m, batch = next(batches)
         assert (at, m) == (position, micro), f"the loader is at {(at, m)}, the step at {(position, micro)}"
+        run.streams.update(batch.streams or {})   # shard readers: where each stands after this batch
         batch = batch.to(run.device)
         sync = not run.ddp or micro == cfg['grad_accum'] - 1  # all-reduce only on the last micro-step
         if run.sharded:
@@ -202,6 +205,18 @@ def build(cfg, tok, text, ck, run):
     return encoder, dataset, model, optimizer
 
 
+def loader_workers(cfg, device):
+    """data_workers, with -1 resolved: 4 background processes on CUDA, none on a CPU."""
+    return cfg['data_workers'] if cfg['data_workers'] >= 0 else 4 if device.type == 'cuda' else 0
+
+
+def stream_layout(cfg, run):
+    """What the shard readers' states depend on (shard_data.layout), or None for a run without shards."""
+    if not any(cfg[k] for k in shard_data.FORMATS):
+        return None
+    return shard_data.layout(cfg, run.world * cfg['grad_accum'], max(1, loader_workers(cfg, run.device)))
+
+
 def main(argv):
     defaults = {**pipeline.run_knobs(), **knobs(globals())}
     sections = [('run (train.py)', list(knobs(globals())), __file__), *pipeline.help_sections()]
@@ -219,6 +234,9 @@ def main(argv):
             fail(f"{ckpt_path} is already at step {ck['step']}, max_iters={cfg['max_iters']}: raise max_iters "
                  f"to train further")
     run = parallel.setup(cfg)
+    if ck is not None and stream_layout(cfg, run) is not None:  # shard readers continue exactly, or not at all
+        shard_data.check_layout(ck.get('stream_layout'), stream_layout(cfg, run), ckpt_path)
+    streams = ck.get('streams', {}) if ck is not None else {}
     run.dtype, run.ctx = precision(cfg['dtype'], run.device)
     # bit-identical reruns and resumes on CPU: embedding / index_put backward otherwise sum in thread order
     torch.use_deterministic_algorithms(run.device.type == 'cpu')
@@ -228,15 +246,19 @@ def main(argv):
     model = raw_model
     if run.ddp and not run.sharded:
         model = DDP(raw_model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
-    loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped)
+    try:
+        loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped, streams)
+    except DataError as e:   # shards past shard_max_bad, or nothing left to read: one sentence
+        fail(e)
     if run.ddp:
         dist.barrier()   # rank 0 may still be writing the last checkpoint; tearing gloo down under it can abort
         dist.destroy_process_group()
 
 
-def loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped):
+def loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped, streams=None):
     """Train from `step` to max_iters: held-out losses and a checkpoint every eval_interval steps, a log line
-    every log_interval; a SIGTERM on any rank makes every rank finish its step, save and stop."""
+    every log_interval; a SIGTERM on any rank makes every rank finish its step, save and stop. streams: the
+    checkpoint's shard reader states, where the readers continue."""
     master = run.rank == 0
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if master:
@@ -252,13 +274,18 @@ def loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped)
             log.write(json_line(entry) + '\n')
             log.flush()
 
-    def save():
-        pipeline.save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step,
-                                 {'encoder': encoder.state_dict(), 'skipped': skipped}, run.sharded)
+    layout = stream_layout(cfg, run)
+    run.streams = dict(streams or {})   # readers not advanced since the checkpoint keep its states
 
-    workers = cfg['data_workers'] if cfg['data_workers'] >= 0 else 4 if run.device.type == 'cuda' else 0
+    def save():
+        extra = {'encoder': encoder.state_dict(), 'skipped': skipped}
+        if layout is not None:   # every rank's shard readers, so that a resume continues with the next sample
+            extra.update(streams=run.gather_streams(), stream_layout=layout)
+        pipeline.save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, extra, run.sharded)
+
+    workers = loader_workers(cfg, run.device)
     batches = Loader(dataset, step + skipped, cfg['grad_accum'], run.world, run.rank, workers,
-                     pin=run.device.type == 'cuda')
+                     pin=run.device.type == 'cuda', streams=streams)
     stop = []  # SIGTERM (a scheduler's preemption): finish the step, save, exit cleanly
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     tokens_per_step = cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum'] * run.world
@@ -303,6 +330,8 @@ def loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped)
             bar.set_postfix(loss=f"{total:.3f}", lm=f"{lm:.3f}", flow=f"{fl:.3f}")
             entry = {'step': step, 'loss': total, 'lm_loss': lm, 'flow_loss': fl, 'lr': lr,
                      'grad_norm': grad_norm.item(), 'tokens_per_s': tokens_per_step * n_timed / t_train}
+            if layout is not None:   # this rank's readers: samples skipped as unusable so far
+                entry['bad_samples'] = sum(s['bad'] for s in run.streams.values())
             if torch.is_tensor(moe_counts):  # MoE load of this step, per layer: max expert load / mean (1 = even)
                 load = moe_counts.sum(1).float()
                 entry['moe_max_load'] = (load.max(1).values / load.mean(1)).tolist()
