@@ -7,8 +7,10 @@ IsoFLOP scaling laws for the language and the diffusion loss (docs/paper.md §7)
     python scaling.py --fit_only=True    # fit and plot what out_dir holds, train nothing
 
 For each compute budget C and each model of a ladder (depth L, width aspect * L, heads of head_dim, SwiGLU of
-3 * width), one ordinary train.py run of D = C / F(N) tokens, where F is bench.py's FLOPs per token (6 N + the
-attention term, N = active parameters): max_iters = C / (F * tokens per step). Then, separately for the
+3 * width), one ordinary train.py run of D = C / F(N) tokens, where F is the 6N convention's FLOPs per token
+(model.flops_per_token: 6 N + 12 n_layer d_model T, N = active parameters; the paper's IsoFLOP sweeps take
+D = C / 6N, docs/paper.md §7; bench.py also reports the FLOPs that execute, which are fewer):
+max_iters = C / (F * tokens per step). Then, separately for the
 held-out text loss (language) and the held-out caption->image diffusion loss (vision): per budget a parabola
 of the final loss in log N and in log D, their minima N_opt and D_opt, and power laws N_opt ~ C^a,
 D_opt ~ C^b, with a bootstrap over runs for intervals. A budget whose minimum lies at its grid's edge gets
