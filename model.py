@@ -161,11 +161,11 @@ class ModalityFFN(nn.Module):
 
     def forward(self, x, route):
         x_SD = x.flatten(0, 1)[route.order]
-        w1, w3, w2 = self.weights()
         if route.grouped:
-            y_SD = MoE._swiglu_grouped(x_SD, route.counts, w1, w3, w2, None)
+            y_SD = MoE._swiglu_grouped(x_SD, route.counts, *self.weights(), None)
         else:
-            y_SD = MoE._swiglu_loop(x_SD, route.host_counts, w1, w3, w2, None)
+            n_text = route.host_counts[0]
+            y_SD = torch.cat([self.text(x_SD[:n_text]), self.vision(x_SD[n_text:])])
         return y_SD.new_empty(y_SD.shape).index_copy_(0, route.order, y_SD).view(*x.shape[:2], -1)
 
 
