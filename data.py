@@ -72,8 +72,8 @@ class Visual:
 
 
 # Questions per qa document (multi-turn VQA). Only the answers depend on the picture, one or two tokens of
-# each ~13-token line, so three questions share one picture's 66 latent tokens (~110 tokens in all). With
-# bytes, 1 -> 3 changed QA 0.445 -> 0.46; with the world BPE, 3 -> 6 changed nothing (docs/results.md).
+# each ~13-token line, so three questions share one picture's latent tokens (more per picture did not raise
+# understanding: docs/results.md).
 QA_PER_PICTURE = 3
 
 
