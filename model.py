@@ -144,9 +144,9 @@ class ModalityFFN(nn.Module):
     """A text FFN and a vision FFN; each token goes through its own modality's (docs/paper.md §1: 2.3B total,
     1.5B active). The tokens are sorted by modality once per forward (Route) and each FFN runs on its slice:
     'grouped' is one torch._grouped_mm per weight with the slice offsets as a tensor, so nothing waits on the
-    host and no shape depends on the data (CUDA, and whenever compiled); 'loop' is two plain matmuls on slices
-    cut at the host's count (CPU eager, where the grouped kernel is no faster). Both compute the same thing
-    (a test compares them)."""
+    host and no shape depends on the data (CUDA, and whenever compiled); otherwise each FFN runs on its slice,
+    cut at the count the host knows (CPU eager, where the grouped kernel is no faster). Both compute the same
+    thing (a test compares them)."""
 
     def __init__(self, d_model, d_ff):
         super().__init__()
@@ -154,8 +154,9 @@ class ModalityFFN(nn.Module):
         self.vision = SwiGLU(d_model, d_ff)
 
     def weights(self):
-        """The two FFNs' weights stacked as expert banks: w1, w3 [2, D, F] and w2 [2, F, D] (views of a stack,
-        so the two nn.Linear modules stay the parameters: checkpoints and optimizers see no change)."""
+        """The two FFNs' weights stacked as expert banks for the grouped kernel: w1, w3 [2, D, F] and w2 [2, F, D]
+        (a copy each call; the two nn.Linear modules stay the parameters, so checkpoints and optimizers see no
+        change)."""
         return [torch.stack([getattr(self.text, w).weight, getattr(self.vision, w).weight]).transpose(1, 2)
                 for w in ('w1', 'w3', 'w2')]
 
@@ -468,10 +469,11 @@ class Transfusion(nn.Module):
         return {'executed': executed, '6N': self.flops_per_token() * B * T}
 
     def compile_blocks(self):
-        """torch.compile each block in place (as torchtitan does, before FSDP wraps them): the embeddings, mask
-        and losses stay eager, where shapes change from batch to batch; a block sees fixed shapes."""
+        """torch.compile each block's forward (as torchtitan does, before FSDP wraps the blocks, whose hooks then
+        run outside the graphs): the embeddings, mask and losses stay eager, where shapes change from batch to
+        batch; a block sees fixed shapes."""
         for blk in self.blocks:
-            blk.compile()
+            blk.forward = torch.compile(blk.forward)
         self.compiled = True
         return self
 
