@@ -9,6 +9,7 @@ repeats). Prints a table and writes JSON.
     python bench.py --only=train --profile=True   # + where the training step's time goes (torch.profiler)
     python bench.py --suite=gpu              # the prepared GPU check, < 8 min on an H100: docs/bench_gpu_<gpu>.json
     python bench.py --only=nanogpt --nanogpt=../nanoGPT   # our step beside nanoGPT's at a matched shape, fp32
+    python bench.py --only=shards            # pictures / s / core through the shard path; does it keep up?
 
 FLOPs are counted two ways, each named in the JSON (model.Transfusion.train_flops): 'executed', the matmuls
 that run on the step's batch (one FFN per token, the LM head on text targets only, attention over the pairs or
@@ -20,6 +21,7 @@ looked up by the exact name torch reports (PEAKS_BF16), or --peak_tflops.
 import cProfile
 import dataclasses
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -29,16 +31,23 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+
+import numpy as np
+from PIL import Image
 
 import torch
 from torch.profiler import ProfilerActivity
 
 import data
 import pipeline
+import prepare_shards
 import rae
+import shard_data
 import tokenizer
 import train
+import world
 from configurator import configure, fail, knobs, precision, resolve_device
 from generate import text_to_image
 from loader import Loader
@@ -48,7 +57,7 @@ from optim import configure_optimizer
 
 # -----------------------------------------------------------------------------
 out = 'out-bench/bench.json'  # where the JSON goes
-only = ''                 # '' = everything; or train | attention | moe | sampling | data | nanogpt
+only = ''                 # '' = everything; or train | attention | moe | sampling | data | nanogpt | shards
 repeats = 5               # timed repeats per measurement (the median is reported)
 warmup = 2                # untimed calls before them
 threads = 0               # torch CPU threads; 0 = torch's default (the core count)
@@ -65,6 +74,8 @@ suite_moe = 'config/paper_moe256.py'      # suite=gpu: the MoE model's, timed ag
 suite_layers = 4          # suite=gpu: both at this depth (the 13.5B MoE's 16 layers do not fit one 80 GB GPU)
 suite_args = ''           # suite=gpu: more --key=value flags for both models (the CPU dry run narrows them)
 nanogpt = ''              # a folder holding nanoGPT's model.py (not part of this repository) for --only=nanogpt
+shard_pictures = 512      # shards: JPEGs in the synthetic shards timed when image_shards is not set
+shard_px = 256            # shards: their size (img2dataset's default resize)
 # -----------------------------------------------------------------------------
 
 # dense bf16 tensor-core TFLOP/s (the vendors' data sheets, without sparsity), by torch.cuda.get_device_name()
@@ -100,12 +111,12 @@ def device_peak(cfg, device):
     return PEAKS_BF16.get(name, 0.0)
 
 
-def bench_train(cfg, device):
+def bench_train(cfg, device, encoder=None):
     """One training step (forward, backward, optimizer) on the config's model and a real batch, its pending
     pictures encoded on the device as train.py does; FLOPs executed and by the 6N convention, each with its MFU;
     the data side: building a batch, and the share of a step spent waiting for one (data_wait)."""
     tok, text = pipeline.check(cfg)
-    encoder = rae.build_encoder(cfg)
+    encoder = encoder if encoder is not None else rae.build_encoder(cfg)
     mcfg = pipeline.model_config(cfg, tok, encoder.d_latent, encoder.n_tokens)
     dataset = pipeline.make_dataset(cfg, tok, encoder, text, seed=0)
     dataset.build_caches()
@@ -296,6 +307,61 @@ def bench_data(cfg):
             'image_size': cfg['image_size'], 'top_ms': [{'where': w, 'ms': round(t, 2)} for w, t in rows[1:9]]}
 
 
+def synthetic_shards(folder, n, px):
+    """n captioned world scenes as px² JPEGs (quality 90, with pixel noise so that they decode about as slowly
+    as photographs) in shards of 128: what img2dataset writes, without a download."""
+    rng = np.random.default_rng(0)
+    for s in range(0, n, 128):
+        samples = []
+        for i in range(s, min(n, s + 128)):
+            scene = world.sample_scene(rng)
+            img = world.render(scene, px, rng=rng).astype(np.float32) + rng.normal(0, 8, (px, px, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=90)
+            samples.append((f"{i:09d}", {'jpg': buf.getvalue(), 'txt': world.caption(scene, rng).encode()}))
+        prepare_shards.write_shard(os.path.join(folder, f"{s // 128:05d}.tar"), samples)
+    return os.path.join(folder, '*.tar')
+
+
+def bench_shards(cfg, device):
+    """The shard path (shard_data.py): pictures per second per core read from tars, decoded, converted and
+    resized in one process (as one data worker does; CPU seconds, so other jobs on the machine do not count),
+    alone and inside whole batches; then train.py's step fed by data_workers from the shards: the pictures a
+    step takes, the cores that needs at that rate, and the share of the step spent waiting."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = cfg['image_shards'] or synthetic_shards(tmp, cfg['shard_pictures'], cfg['shard_px'])
+        mixture = cfg['mixture'] if 'qa' not in cfg['mixture'] else 'text=0.2,caption2image=0.5,image2caption=0.3'
+        run = {**cfg, 'image_shards': spec, 'mixture': mixture, 'image_folder': '', 'shard_max_bad': 1.0}
+        tok, text = pipeline.check(run)
+        encoder = rae.build_encoder({**run, 'image_shards': ''})   # the world's (cached): only the time matters
+        sd = shard_data.ShardData(run, tok, encoder.res, encoder.n_tokens, seed=0)
+        sd.begin('train', 0, 0, '', None)
+        n = 4 * cfg['repeats'] * 32
+        sd.document('caption2image', 'train')          # the shuffle buffer's first fill is not timed
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            sd.document('caption2image', 'train')
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        dataset = pipeline.make_dataset(run, tok, encoder, text, seed=0)
+        batches = [dataset.get('train', i) for i in range(2)]   # warm
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)              # as in a data worker (loader.one_thread)
+        c0 = time.process_time()
+        batches = [dataset.get('train', i) for i in range(2, 2 + 2 * cfg['repeats'])]
+        per_batch = float(np.mean([len(b.pending) for b in batches]))
+        batch_rate = per_batch * len(batches) / (time.process_time() - c0)
+        torch.set_num_threads(threads)
+        step = bench_train(run, device, encoder)
+    rate, step_s = n / cpu, step['ms_per_step'] / 1e3
+    return {'shards': cfg['image_shards'] or f"{cfg['shard_pictures']} synthetic {cfg['shard_px']}² JPEGs",
+            'image_size': cfg['image_size'], 'mixture': mixture, 'pictures_per_s_per_core': rate,
+            'pictures_per_s_wall': n / wall, 'batch_pictures_per_s_per_core': batch_rate,
+            'pictures_per_step': per_batch * cfg['grad_accum'], 'ms_per_step': step['ms_per_step'],
+            'cores_needed': per_batch * cfg['grad_accum'] / step_s / batch_rate,
+            'data_workers': step['data_workers'], 'data_wait_share': step['data_wait_share'],
+            'keeps_up': step['data_wait_share'] < 0.05}
+
+
 def bench_nanogpt(cfg, device):
     """Our step beside nanoGPT's at one shape (d 256, 4 layers, 8 heads, 8 x 256 tokens, fp32, AdamW), timed
     interleaved: ours on a real batch of the default mixture (pictures, flow loss, per-modality FFN), theirs
@@ -403,7 +469,8 @@ def main(argv):
         return gpu_suite(defaults, cfg, device, name)
     sections = {'train': lambda: bench_train(cfg, device), 'attention': lambda: bench_attention(device),
                 'moe': lambda: bench_moe(cfg, device), 'sampling': lambda: bench_sampling(device),
-                'data': lambda: bench_data(cfg), 'nanogpt': lambda: bench_nanogpt(cfg, device)}
+                'data': lambda: bench_data(cfg), 'nanogpt': lambda: bench_nanogpt(cfg, device),
+                'shards': lambda: bench_shards(cfg, device)}
     if cfg['only'] and cfg['only'] not in sections:
         fail(f"--only must be one of {', '.join(sections)}, got {cfg['only']!r}")
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f"CPU ({torch.get_num_threads()} threads)"

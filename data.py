@@ -555,7 +555,7 @@ class WorldData:
         while True:
             kind = kinds[rng.choice(len(kinds), p=probs)]
             if self.shards is not None and self.shards.serves(kind):
-                yield self.shards.document(kind, rng, split, p_uncond)
+                yield self.shards.document(kind, split, p_uncond)
             elif kind == 'text' and self.text is not None:
                 yield [text_chunk(self.text, rng, self.tok, self.T)]
             elif kind in ('video', 'action') and self.videos is not None:

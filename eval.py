@@ -348,10 +348,12 @@ def main(argv):
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))
     # the scene parser, the questions and the maps are the world's: a model of your pictures or videos gets
     # the held-out losses on them (and the world parts its other data allow)
-    world_only = {'generation', 'understanding'} if tcfg['image_folder'] else set()
-    world_only |= {'world'} if tcfg['video_folder'] else set()
-    if parts & world_only:
-        print(f"{tcfg['image_folder'] or tcfg['video_folder']}: scoring held-out losses on it; "
+    own_pictures = tcfg['image_folder'] or tcfg['image_shards']
+    own_clips = tcfg['video_folder'] or tcfg['video_shards']
+    world_only = {'generation', 'understanding'} if own_pictures else set()
+    world_only |= {'world'} if own_clips else set()
+    if parts & world_only:   # shards: the held-out losses read the held-out split of the shards (the key hash)
+        print(f"{own_pictures or own_clips}: scoring held-out losses on it; "
               f"{', '.join(sorted(parts & world_only))} are scored on the embedded world only: skipped")
         parts -= world_only
     res = scores(cfg, model, tok, encoder, tcfg, ts, parts)

@@ -32,6 +32,7 @@ import data
 import folders
 import pretrained
 import rae_score
+import shard_data
 from configurator import configure, fail, remove_orphans, save_atomic
 from pretrained import LatentNorm
 from rae_train import load_or_none, pretrain_mae, train_decoder
@@ -201,7 +202,7 @@ def check_knobs(c):
 def identity_knobs(c):
     """The knobs that decide the encoder's weights, hence the latent space a model learns in (the decoder's
     knobs are not among them: a new decoder reads the same latents)."""
-    return ['encoder', 'image_size', 'patch_size', 'image_folder', *ENCODERS[c['encoder']]['weights']]
+    return ['encoder', 'image_size', 'patch_size', 'image_folder', 'image_shards', *ENCODERS[c['encoder']]['weights']]
 
 
 def n_tokens(c):
@@ -215,7 +216,8 @@ def rae_key(c):
     keeps its RAE, and gets new latents)."""
     others = {k for spec in ENCODERS.values() for k in spec['knobs']} - set(ENCODERS[c['encoder']]['knobs'])
     unused = {'cache_dir'} | others
-    where = {'image_folder': os.path.abspath(c['image_folder'])} if c['image_folder'] else {}
+    where = ({'image_folder': os.path.abspath(c['image_folder'])} if c['image_folder'] else
+             {'image_shards': c['image_shards']} if c.get('image_shards') else {})
     key = json.dumps({'recipe': RECIPE, **where, **{k: c[k] for k in KNOBS if k not in unused}}, sort_keys=True)
     return f"rae-{c['encoder']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
@@ -225,20 +227,29 @@ def build_encoder(cfg, fit=True):
     fit=False: only the skeleton (a checkpoint will bring the weights). Otherwise the pixel encoder measures
     its normalisation, and an RAE is loaded from cache_dir, or built there: every stage checkpoints and
     resumes, so a killed build continues where it stopped; a cached file that does not load is rebuilt."""
-    c = {**{k: cfg.get(k, v) for k, v in KNOBS.items()}, 'image_folder': cfg.get('image_folder', '')}
+    c = {**{k: cfg.get(k, v) for k, v in KNOBS.items()}, 'image_folder': cfg.get('image_folder', ''),
+         'image_shards': cfg.get('image_shards', '')}
     check_knobs(c)
     spec = ENCODERS[c['encoder']]
     c['encoder_path'] = c['encoder_path'] or spec['path']
     res, grid = c['image_size'], c['image_size'] // c['patch_size']
-    # an image_folder's training pictures (memory-mapped), else the world's: what the encoder is fitted on
-    own = folders.open_images(c['image_folder'], res, c['cache_dir']).pictures('train')[0] if c['image_folder'] \
-        and fit else None
+
+    def own_pictures():
+        """An image_folder's training pictures (memory-mapped), or image_shards' first training pictures (read
+        now, enough for the fit and the RAE's training), else None (the world's): what the encoder is fitted on."""
+        if not fit or not (c['image_folder'] or c['image_shards']):
+            return None
+        if c['image_folder']:
+            return folders.open_images(c['image_folder'], res, c['cache_dir']).pictures('train')[0]
+        return shard_data.first_pictures(cfg, max(32, 2048 * 32 * 32 // (res * res), c['rae_images']), res)
+
     with torch.random.fork_rng():    # building must not move the caller's RNG (train.py seeds the model first)
         torch.manual_seed(0)
         enc = spec['make'](c, grid)
         rae = RAE(enc, res, d=c['decoder_dim']) if spec['decoder'] else None
     if rae is None:
         if fit:  # per-channel statistics: 2M pixels are plenty (2,048 pictures at 32², 41 at 224²)
+            own = own_pictures()
             n = max(32, (2048 * 32 * 32) // (res * res))
             enc.fit(data.image_tensor(own[:n] if own is not None else data.world_images('train', n, res)))
         return enc
@@ -254,6 +265,7 @@ def build_encoder(cfg, fit=True):
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphans(folder, re.escape(name))
     print(f"building the {c['encoder']} RAE (saved to {path} and reused afterwards)")
+    own = own_pictures()
     images = own[:c['rae_images']] if own is not None else data.world_images('rae', c['rae_images'], res)
     stage = lambda stage_name: folder / f"{name}.{stage_name}.pt"
     with torch.random.fork_rng():

@@ -6,7 +6,7 @@ like the world's (data.WorldData asks; docs/data.md).
     sd = ShardData(cfg, tok, res=32, n_latent=16, seed=1337)
     sd.start_streams(n_groups=world * grad_accum, slots=max(1, data_workers), states=ckpt_states)
     sd.begin('train', position, index)         # the batch being built (data.WorldData.get)
-    doc = sd.document('caption2image', rng, 'train', p_uncond=0.1)
+    doc = sd.document('caption2image', 'train', p_uncond=0.1)
     sd.take_states()                           # {reader: state} of the readers this batch advanced
 
 A batch at (position, global micro index g) reads reader g * slots + position % slots of each stream: a loader
@@ -20,9 +20,7 @@ caption or a clip too short is skipped, counted and named once (shards.Reader.co
 import hashlib
 import io
 import json
-import os
 import tempfile
-import time
 
 import numpy as np
 from PIL import Image
@@ -184,6 +182,30 @@ def check_layout(saved, now, path):
              f"pass the same shards, or start in another out_dir")
 
 
+def first_pictures(cfg, n, res):
+    """The first n training pictures of image_shards in list order (held-out ones left out), decoded as
+    documents decode them: uint8 [m, res, res, 3], m <= n (fewer when the shards hold fewer). What the encoder
+    is fitted on and an RAE trains on (rae.build_encoder), as an image_folder's pictures are."""
+    full = {**{k: '' for k in FORMATS}, 'val_shards': '', 'shard_val_share': data.KNOBS['shard_val_share'], **cfg}
+    train, val = shard_lists(full)['image']
+    keep = None if val is not None else (lambda key: not shards.held_out(key, full['shard_val_share']))
+    reader = shards.Reader(train, 0, 1, 0, 1, 'image_shards', keep, shuffle=False, max_bad=1.0)
+    out = []
+    with tqdm(total=n, desc=f"reading up to {n} pictures of image_shards for the encoder", leave=False) as bar:
+        while len(out) < n:
+            ref, item = reader.next()
+            if ref[0] > 0:     # one pass over the shards: they hold fewer
+                break
+            try:
+                out.append(decode_picture(item[first_of(item, PICTURE_EXT)], res))
+                bar.update(1)
+            except Exception:  # no picture member, or one that does not decode (named when training reads it)
+                continue
+    if not out:
+        fail(f"image_shards {cfg['image_shards']!r} holds no picture that decodes")
+    return np.stack(out)
+
+
 # -----------------------------------------------------------------------------
 # checks before any long work
 
@@ -261,7 +283,7 @@ class ShardData:
         self.frames, self.fps = cfg['video_frames'], cfg['video_fps']
         self.buffer, self.val_share, self.max_bad = cfg['shard_buffer'], cfg['shard_val_share'], cfg['shard_max_bad']
         self.lists = shard_lists(cfg)
-        self.start_streams(1, 1, {})
+        self.start_streams(1, 1, {})   # made: (reader, ref) -> (kind, document) of samples put back
         self.val, self.val_next, self.val_key, self.at, self.last = {}, {}, '', (0, 0), None
 
     def serves(self, kind):
@@ -271,6 +293,7 @@ class ShardData:
         """The training readers' layout (n_groups global micro indices x slots positions) and where each
         starts: {reader name: state} from a checkpoint (none: from the beginning)."""
         self.layout, self.saved, self.readers, self.touched = (n_groups, slots), dict(states or {}), {}, set()
+        self.made = {}
 
     def make_reader(self, stream, split, rank, n, state):
         train, val = self.lists[stream]
@@ -310,33 +333,41 @@ class ShardData:
             self.val_next[mixture] = position + 1
             return
         for key in [k for k in self.val if k[0] == mixture]:
+            self.made = {k: v for k, v in self.made.items() if k[0] is not self.val[key]}
             del self.val[key]
         self.val_next[mixture] = 0
         for j in range(position):
             replay(j)
         self.val_next[mixture] = position + 1
 
-    def document(self, kind, rng, split, p_uncond=0.0):
-        """The next usable sample of the kind's stream as a document; unusable ones are counted and named."""
+    def document(self, kind, split, p_uncond=0.0):
+        """The next usable sample of the kind's stream as a document; unusable ones are counted and named. Its
+        random draws (caption dropout, a clip's start and targets) come from (seed, kind, the sample's ref), so
+        a document made again, after a resume, is the same."""
         r = self.reader(STREAM_OF[kind], split)
         while True:
             ref, item = r.next()
-            try:
-                doc = self.make_document(kind, item, rng, p_uncond)
-            except Exception as e:  # PIL, imageio and json raise many types for a member that does not decode
-                key = item.get('__key__', '') if isinstance(item, dict) else f"at byte {ref[2]}"
-                r.count_bad(r.path(ref[0], ref[1]), key, f"{type(e).__name__}: {str(e)[:160]}")
-                continue
+            made, doc = self.made.pop((r, tuple(ref)), (None, None))
+            if made != kind:
+                rng = np.random.default_rng([self.seed, data.KINDS.index(kind), *ref])
+                try:
+                    doc = self.make_document(kind, item, rng, p_uncond)
+                except Exception as e:  # PIL, imageio and json raise many types for a member that does not decode
+                    key = item.get('__key__', '') if isinstance(item, dict) else f"at byte {ref[2]}"
+                    r.count_bad(r.path(ref[0], ref[1]), key, f"{type(e).__name__}: {str(e)[:160]}")
+                    continue
             r.ok += 1
-            self.last = (doc, r, ref, item)
+            self.last = (doc, r, ref, item, kind)
             return doc
 
     def put_back(self, doc):
-        """The last document did not fit the rows: its sample goes back to its reader, to come first next."""
+        """The last document did not fit the rows: its sample goes back to its reader, to come first next
+        (and its document with it, not decoded again)."""
         if self.last is not None and self.last[0] is doc:
-            _, r, ref, item = self.last
+            _, r, ref, item, kind = self.last
             r.ok -= 1
             r.put_back(ref, item)
+            self.made[(r, tuple(ref))] = (kind, doc)
             self.last = None
 
     def take_states(self):

@@ -24,7 +24,6 @@ plus the buffer as references to re-read: nothing grows with the number of shard
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
 import re

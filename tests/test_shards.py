@@ -29,6 +29,7 @@ import shard_data
 import shards
 import tokenizer
 import train
+import video
 import world
 from conftest import ROOT, run_script, run_train, tiny_config
 from loader import Loader
@@ -118,8 +119,8 @@ ENCODERS = {}
 
 
 def dataset(cfg, seed=7):
-    """The run's dataset, as train.py makes it (the pixel encoder fitted once per test session)."""
-    key = (cfg['image_size'], cfg['patch_size'])
+    """The run's dataset, as train.py makes it (each pixel encoder fitted once per test session)."""
+    key = (cfg['image_size'], cfg['patch_size'], cfg['image_shards'])
     if key not in ENCODERS:
         ENCODERS[key] = rae.build_encoder(cfg)
     return pipeline.make_dataset(cfg, tokenizer.get_tokenizer(cfg['tokenizer']), ENCODERS[key], None, seed)
@@ -243,7 +244,7 @@ def test_bad_samples_are_skipped_counted_and_named_and_too_many_stop_with_one_se
     cfg = knobs(image_shards=image_shards(tmp_path / 'shards'), mixture='caption2image=1', shard_buffer=1)
     sd = dataset(cfg).shards
     sd.begin('train', 0, 0, '', None)
-    docs = [sd.document('caption2image', np.random.default_rng(0), 'train') for _ in range(24)]
+    docs = [sd.document('caption2image', 'train') for _ in range(24)]
     assert all(isinstance(d[-1], data.Visual) and d[-1].image.shape == (RES, RES, 3) for d in docs)
     state = sd.take_states()['image:0']
     err = capsys.readouterr().err
@@ -257,7 +258,7 @@ def test_bad_samples_are_skipped_counted_and_named_and_too_many_stop_with_one_se
     sd.begin('train', 0, 0, '', None)
     with pytest.raises(shards.DataError, match=r'of the \d+ samples that reader 0 of image_shards read are bad'):
         for _ in range(60):
-            sd.document('caption2image', np.random.default_rng(0), 'train')
+            sd.document('caption2image', 'train')
 
 
 def test_the_held_out_split_follows_the_key_or_names_shards(tmp_path):
@@ -303,6 +304,37 @@ def test_text_shards_are_cut_into_rows_and_compressed_or_columnar_ones_read(tmp_
         assert [t for *_, t in shards.records(str(tmp_path / 't.parquet'), 10, 10)] == good[10:]
 
 
+def test_video_shards_give_video_and_action_documents_of_their_clips(tmp_path):
+    """GIF clips in a tar: a walk with one action line per step, moving objects with a caption, one clip too
+    short; action documents read only the clips with actions, video documents every clip."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(3):
+        frames, steps, _ = video.sample_trajectory(rng, video.map_ids('train')[0], 6)
+        video.write_gif(tmp_path / 'w.gif', frames, fps=4)
+        samples.append((f"walk{i}", {'gif': (tmp_path / 'w.gif').read_bytes(),
+                                     'actions': ''.join(video.format_action(*s) + '\n' for s in steps).encode()}))
+    frames, text = video.sample_video(rng, 6)
+    video.write_gif(tmp_path / 'm.gif', frames, fps=4)
+    samples.append(('movers', {'gif': (tmp_path / 'm.gif').read_bytes(), 'txt': text.encode()}))
+    video.write_gif(tmp_path / 's.gif', frames[:2], fps=4)
+    samples.append(('short', {'gif': (tmp_path / 's.gif').read_bytes(), 'txt': b'too short'}))
+    prepare_shards.write_shard(tmp_path / 'clips.tar', samples)
+    cfg = knobs(video_shards=str(tmp_path / 'clips.tar'), mixture='video=0.5,action=0.5', video_frames=4,
+                block_size=128, shard_val_share=0.0, shard_buffer=2, shard_max_bad=1.0)
+    pipeline.check(cfg)
+    sd = dataset(cfg).shards
+    sd.begin('train', 0, 0, '', None)
+    actions = [sd.document('action', 'train') for _ in range(6)]
+    for doc in actions:
+        assert [type(s) for s in doc] == [data.Visual, str] * 3 + [data.Visual] and doc[1].startswith('action: dx=')
+        assert doc[-1].target and doc[0].image.shape == (RES, RES, 3) and doc[0].latents is None
+    clips = [sd.document('video', 'train') for _ in range(8)]
+    assert any(isinstance(d[0], str) and d[0] == text for d in clips)      # the movers' caption, then frames
+    assert sum(isinstance(s, data.Visual) for s in clips[0]) == 4
+    assert sd.take_states()['video:0']['bad'] >= 1                         # the short clip, named once
+
+
 def test_shards_stream_from_http_as_from_disk(tmp_path):
     spec = image_shards(tmp_path / 'www', broken=False)
     server = serve(tmp_path / 'www')
@@ -315,6 +347,17 @@ def test_shards_stream_from_http_as_from_disk(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_encoder_is_fitted_on_the_shards_own_training_pictures(tmp_path):
+    cfg = knobs(image_shards=image_shards(tmp_path / 'shards'), shard_val_share=0.2)
+    pictures = shard_data.first_pictures(cfg, 100, RES)
+    usable = [k for k in readable_keys(cfg['image_shards']) if not shards.held_out(k, 0.2) and k != '0000002']
+    assert len(pictures) == len(usable) == 20      # every training picture that decodes, once
+    fitted = rae.build_encoder(cfg).state_dict()
+    want = rae.PixelEncoder(RES, 8).fit(data.image_tensor(pictures)).state_dict()
+    assert all(torch.equal(fitted[k], want[k]) for k in want)
+    assert rae.rae_key({**cfg, 'encoder': 'vit'}) != rae.rae_key({**cfg, 'encoder': 'vit', 'image_shards': ''})
 
 
 def test_mistakes_are_refused_in_one_sentence_before_any_long_work(tmp_path):
@@ -426,6 +469,15 @@ def test_train_py_on_image_and_text_shards_resumes_bit_identical(tmp_path):
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert a['streams'] == b['streams'] and a['stream_layout']['slots'] == 2
     log = [json.loads(line) for line in (tmp_path / 'whole' / 'log.jsonl').read_text().splitlines()]
+    b_val = [json.loads(line) for line in (tmp_path / 'cut' / 'log.jsonl').read_text().splitlines()][-1]
     assert any(e.get('bad_samples', 0) > 0 for e in log) and any('val_flow_loss' in e for e in log)
     r = run_train(*args[:4], '--data_workers=0', '--max_iters=6', '--init_from=resume', f'--out_dir={tmp_path / "cut"}')
     assert r.returncode != 0 and 'max(1, data_workers) = 2, this run has 1 and 1' in r.stderr
+    # eval.py: text perplexity and diffusion loss on the shards' held-out samples; the world's parts skipped
+    r = run_script('eval.py', f'--ckpt={tmp_path / "cut" / "ckpt.pt"}', '--n_batches=1', '--t_grid=0.5',
+                   f'--out={tmp_path / "eval.json"}')
+    assert r.returncode == 0 and 'scored on the embedded world only' in r.stdout, r.stderr[-3000:]
+    res = json.loads((tmp_path / 'eval.json').read_text())
+    assert res['text_ppl'] > 1 and res['diffusion_loss_mean'] > 0 and 'understanding' not in res
+    # the same held-out rows as train.py's last eval (train.py ran them under bf16 autocast, eval.py in fp32)
+    assert res['text_ppl'] == pytest.approx(np.exp(b_val['val_text_loss']), rel=1e-3)
