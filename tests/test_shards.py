@@ -408,33 +408,44 @@ def test_the_converter_writes_a_folder_as_shards_that_read_as_the_folder_does(tm
 
 KEYS_SCRIPT = '''
 import json, sys
+from contextlib import nullcontext
 sys.path.insert(0, {root!r})
-import torch.distributed as dist
-import shard_data, tokenizer
+import torch, torch.distributed as dist
+import parallel, shard_data, tokenizer
 from loader import Loader
 dist.init_process_group('gloo')
 rank, world = dist.get_rank(), dist.get_world_size()
+run = parallel.Setup({{}}, torch.device('cpu'), nullcontext(), ddp=True, rank=rank, world=world,
+                     cpu_group=dist.new_group(backend='gloo'))
 sd = shard_data.ShardData({cfg!r}, tokenizer.get_tokenizer('byte'), 16, 4, seed=11)
 
-class Keys:   # what a batch reads of the image stream: (reader, epoch, key) of 3 samples
+class Keys:   # what a batch reads of the image stream: (reader, epoch, key) of 3 samples, and the readers' states
     def start_streams(self, *args):
         sd.start_streams(*args)
     def get(self, split, position, index):
         sd.begin(split, position, index, '', None)
         r = sd.reader('image', split)
-        return [(r.rank, ref[0], item['__key__']) for ref, item in (r.next() for _ in range(3))]
+        return [(r.rank, ref[0], item['__key__']) for ref, item in (r.next() for _ in range(3))], sd.take_states()
 
 loader = Loader(Keys(), 0, grad_accum=1, world=world, rank=rank, workers=2)
-got = [x for _ in range(40) for x in next(loader)[2]]
+got = []
+for position in range(40):
+    keys, states = next(loader)[2]
+    got += keys
+    run.streams.update(states)              # as train.py keeps them
+    if position == 19:
+        saved = run.gather_streams()        # what a checkpoint after 20 steps holds: every rank's readers
+resumed = Loader(Keys(), 20, grad_accum=1, world=world, rank=rank, workers=2, streams=saved)
+again = [k for _ in range(20) for k in next(resumed)[2][0]]
 parts = [None] * world
-dist.all_gather_object(parts, got)
+dist.all_gather_object(parts, {{'got': got, 'again': again, 'saved': sorted(saved)}})
 if rank == 0:
     json.dump(parts, open({out!r}, 'w'))
 '''
 
 
 @pytest.mark.slow
-def test_two_processes_with_two_workers_each_read_every_sample_once_an_epoch(tmp_path):
+def test_two_processes_with_two_workers_each_read_every_sample_once_an_epoch_and_resume_exactly(tmp_path):
     spec = image_shards(tmp_path / 'shards')
     cfg = knobs(image_shards=spec, shard_buffer=4, shard_max_bad=1.0, shard_val_share=0.0)
     script = tmp_path / 'keys.py'
@@ -442,13 +453,17 @@ def test_two_processes_with_two_workers_each_read_every_sample_once_an_epoch(tmp
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         str(script)], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = [tuple(x) for part in json.loads((tmp_path / 'keys.json').read_text()) for x in part]
+    parts = json.loads((tmp_path / 'keys.json').read_text())
+    got = [tuple(x) for part in parts for x in part['got']]
     assert {x[0] for x in got} == {0, 1, 2, 3}                 # 2 ranks x 2 workers: 4 readers
     epoch0 = [k for _, e, k in got if e == 0]
     assert sorted(epoch0) == sorted(readable_keys(spec))       # every sample once, none twice
     owner = {}
     for reader, e, k in got:
         assert owner.setdefault((e, k), reader) == reader      # each epoch's samples split disjointly
+    # the states gathered from both ranks after 20 steps: fresh loaders continue every reader exactly
+    assert all(part['saved'] == ['image:0', 'image:1', 'image:2', 'image:3'] for part in parts)
+    assert all(part['again'] == part['got'][60:] for part in parts)
 
 
 @pytest.mark.slow
