@@ -39,7 +39,8 @@ JSONL = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.json.gz', '.json.zst', '.jsonl.z
 PARQUET = ('.parquet',)
 TIMEOUT_S = 60            # an http(s) shard must start answering within this many seconds
 MIN_COUNTED = 32          # a reader judges its share of bad samples only after this many
-_warned = set()           # (shard, key) pairs already named in a warning, once per process
+MAX_NAMED = 1000          # bad samples named per process; past that they are only counted (memory stays flat)
+_warned = set()           # (shard, key) pairs already named in a warning
 
 
 class DataError(ValueError):
@@ -47,9 +48,15 @@ class DataError(ValueError):
 
 
 def warn_once(shard, key, why):
-    if (shard, key) not in _warned:
-        _warned.add((shard, key))
-        print(f"warning: skipping {shard}{f' sample {key}' if key else ''}: {why}", file=sys.stderr)
+    """Name a bad sample on stderr, once per process, up to MAX_NAMED of them."""
+    if (shard, key) in _warned or len(_warned) > MAX_NAMED:
+        return
+    _warned.add((shard, key))
+    if len(_warned) > MAX_NAMED:
+        print(f"warning: {MAX_NAMED} bad samples named in this process: the others are counted (bad_samples in "
+              f"log.jsonl), not named", file=sys.stderr)
+        return
+    print(f"warning: skipping {shard}{f' sample {key}' if key else ''}: {why}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
