@@ -92,7 +92,8 @@ def main(argv):
     dest = cfg['out'] or cfg['folder'].rstrip('/') + '-shards'
     todo, left_out = samples(cfg['folder'])
     for name in left_out:
-        folders.warn(f"leaving out {os.path.join(cfg['folder'], name)}: no caption (captions.jsonl or a .txt beside it)")
+        folders.warn(f"leaving out {os.path.join(cfg['folder'], name)}: no caption (captions.jsonl or a .txt "
+                     f"beside it)")
     if not todo:
         fail(f"{cfg['folder']} has no picture with a caption and no clip")
     os.makedirs(dest, exist_ok=True)
@@ -103,7 +104,8 @@ def main(argv):
     for f in stale:
         os.remove(os.path.join(dest, f))
     print(f"wrote {len(todo)} samples in {n} shards to {dest}/{{00000..{n - 1:05d}}}.tar"
-          f"{f' ({len(left_out)} left out)' if left_out else ''}{f', removed {len(stale)} older shards' if stale else ''}")
+          f"{f' ({len(left_out)} left out)' if left_out else ''}"
+          f"{f', removed {len(stale)} older shards' if stale else ''}")
 
 
 if __name__ == '__main__':

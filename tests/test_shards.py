@@ -386,7 +386,8 @@ def test_the_converter_writes_a_folder_as_shards_that_read_as_the_folder_does(tm
     (folder / 'lonely.png').write_bytes((folder / 'pic_000.png').read_bytes())   # no caption: left out
     out = tmp_path / 'out'
     prepare_shards.main([f'--folder={folder}', f'--out={out}', '--per_shard=10'])
-    assert sorted(os.listdir(out)) == ['00000.tar', '00001.tar', '00002.tar'] and 'lonely.png' in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ['00000.tar', '00001.tar', '00002.tar']
+    assert 'lonely.png' in capsys.readouterr().err
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
     prepare_shards.main([f'--folder={folder}', f'--out={out}', '--per_shard=10'])
     assert before == {n: (out / n).read_bytes() for n in os.listdir(out)}        # the same bytes again
@@ -470,7 +471,8 @@ def test_two_processes_with_two_workers_each_read_every_sample_once_an_epoch_and
 def test_train_py_on_image_and_text_shards_resumes_bit_identical(tmp_path):
     spec = image_shards(tmp_path / 'shards')
     text = text_shard(tmp_path / 't.jsonl.gz')
-    args = ['config/smoke.py', f'--image_shards={spec}', f'--text_shards={text}', '--mixture=caption2image=0.5,text=0.5',
+    args = ['config/smoke.py', f'--image_shards={spec}', f'--text_shards={text}',
+            '--mixture=caption2image=0.5,text=0.5',
             '--data_workers=2', '--batch_size=2', '--block_size=256', '--eval_batches=1', '--log_interval=1',
             '--eval_interval=2', '--shard_buffer=8', '--shard_val_share=0.2', '--shard_max_bad=0.5',
             f'--cache_dir={tmp_path / "cache"}']
