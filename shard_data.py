@@ -354,7 +354,7 @@ class ShardData:
                     doc = self.make_document(kind, item, rng, p_uncond)
                 except Exception as e:  # PIL, imageio and json raise many types for a member that does not decode
                     key = item.get('__key__', '') if isinstance(item, dict) else f"at byte {ref[2]}"
-                    r.count_bad(r.path(ref[0], ref[1]), key, f"{type(e).__name__}: {str(e)[:160]}")
+                    r.count_bad(r.path(ref[0], ref[1]), key, f"{type(e).__name__}: {str(e)[:160]}", read=True)
                     continue
             r.ok += 1
             self.last = (doc, r, ref, item, kind)

@@ -408,6 +408,7 @@ class Reader:
         state = state or {}
         self.pos = tuple(state.get('pos', (0, 0, 0, 0, 0)))   # where the shard reading continues
         self.drawn, self.ok, self.bad = state.get('drawn', 0), state.get('ok', 0), state.get('bad', 0)
+        self.read, self.lost = state.get('read', 0), state.get('lost', 0)   # items read; bad records and shards
         self.buffer = self.fetch(state.get('buffer', []))
         self.pushback = self.fetch(state.get('pushback', []))
         self.items = self.stream()
@@ -463,6 +464,7 @@ class Reader:
                     for k in range(skip if resumed else 0, len(pieces)):
                         self.pos = (epoch, slot, at, i, k + 1)
                         got = True
+                        self.read += 1
                         yield (epoch, slot, at, i, k), pieces[k]
             except Exception as e:   # a truncated or unreadable shard: tarfile, gzip, zstd, requests raise many types
                 self.count_bad(path, '', f"{type(e).__name__}: {str(e)[:160]}")
@@ -492,11 +494,13 @@ class Reader:
         """An item taken but not used (its document did not fit the rows): next() gives it again first."""
         self.pushback.append((ref, item))
 
-    def count_bad(self, shard, key, why):
-        """Count and name a bad sample (or shard); past max_bad of this reader's samples, stop."""
+    def count_bad(self, shard, key, why, read=False):
+        """Count and name a bad sample (read=True: an item this reader read, whose document failed) or a bad
+        record or shard; past max_bad of what this reader read, stop."""
         self.bad += 1
+        self.lost += not read
         warn_once(shard, key, why)
-        seen = self.ok + self.bad
+        seen = self.read + self.lost
         if seen >= MIN_COUNTED and self.bad > self.max_bad * seen:
             raise DataError(f"{self.bad} of the {seen} samples that reader {self.rank} of {self.name} read are bad "
                             f"(more than shard_max_bad={self.max_bad:g}); the last: {shard}"
@@ -505,4 +509,5 @@ class Reader:
     def state(self):
         """Where the reader stands, as plain ints and lists (checkpoints load it with weights_only=True)."""
         return {'pos': list(self.pos), 'buffer': [list(r) for r, _ in self.buffer],
-                'pushback': [list(r) for r, _ in self.pushback], 'drawn': self.drawn, 'ok': self.ok, 'bad': self.bad}
+                'pushback': [list(r) for r, _ in self.pushback], 'drawn': self.drawn, 'ok': self.ok, 'bad': self.bad,
+                'read': self.read, 'lost': self.lost}

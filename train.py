@@ -275,12 +275,12 @@ def loop(cfg, run, encoder, dataset, model, raw_model, optimizer, step, skipped,
             log.flush()
 
     layout = stream_layout(cfg, run)
-    run.streams = dict(streams or {})   # readers not advanced since the checkpoint keep its states
+    run.streams = {}   # this rank's readers, as the batches it trained on left them
 
     def save():
         extra = {'encoder': encoder.state_dict(), 'skipped': skipped}
-        if layout is not None:   # every rank's shard readers, so that a resume continues with the next sample
-            extra.update(streams=run.gather_streams(), stream_layout=layout)
+        if layout is not None:   # every rank's readers, over the checkpoint's (for those not advanced since)
+            extra.update(streams={**(streams or {}), **run.gather_streams()}, stream_layout=layout)
         pipeline.save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, extra, run.sharded)
 
     workers = loader_workers(cfg, run.device)

@@ -498,3 +498,22 @@ def test_train_py_on_image_and_text_shards_resumes_bit_identical(tmp_path):
     assert res['text_ppl'] > 1 and res['diffusion_loss_mean'] > 0 and 'understanding' not in res
     # the same held-out rows as train.py's last eval (train.py ran them under bf16 autocast, eval.py in fp32)
     assert res['text_ppl'] == pytest.approx(np.exp(b_val['val_text_loss']), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_on_shards_save_every_ranks_readers_and_resume_bit_identical(tmp_path):
+    """torchrun, 2 processes (gloo), a data worker each: the checkpoint holds both ranks' readers, and a run
+    stopped and resumed ends with the weights and reader states of one that was not (each rank keeps only the
+    readers it advanced, so one rank's stale copy never overwrites another's)."""
+    args = ['config/smoke.py', f'--image_shards={image_shards(tmp_path / "shards")}',
+            f'--text_shards={text_shard(tmp_path / "t.jsonl.gz")}', '--mixture=caption2image=0.5,text=0.5',
+            '--data_workers=1', '--batch_size=2', '--block_size=256', '--eval_batches=1', '--eval_interval=100',
+            '--shard_val_share=0.2', '--shard_max_bad=0.5', '--dtype=float32', f'--cache_dir={tmp_path / "cache"}']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py']
+    for out, max_iters, more in (('whole', 4, []), ('cut', 2, []), ('cut', 4, ['--init_from=resume'])):
+        r = subprocess.run([*torchrun, *args, f'--max_iters={max_iters}', f'--out_dir={tmp_path / out}', *more],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('whole', 'cut'))
+    assert sorted(a['streams']) == ['image:0', 'image:1', 'text:0', 'text:1']
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model']) and a['streams'] == b['streams']
