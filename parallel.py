@@ -21,7 +21,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from configurator import resolve_device
 from model import Transfusion
@@ -95,6 +94,7 @@ def build_model(mcfg, run):
             model = Transfusion(mcfg)
         model.to_empty(device=run.device).init_weights(seed)
         return model.compile_blocks() if run.cfg['compile'] else model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard   # here: importing FSDP takes ~1 s
     with torch.device('meta'):
         model = Transfusion(mcfg)
     if run.cfg['compile']:

@@ -20,8 +20,6 @@ from dataclasses import asdict
 import tiktoken
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import data
 import folders
@@ -186,7 +184,8 @@ def weights_finite(net):
 
 def sharded_path(path):
     """An FSDP run's checkpoint is a folder beside where the single file would be: out/ckpt.pt -> out/ckpt."""
-    return path[:-3] if path.endswith('.pt') else path
+    path = str(path)
+    return path[:-3] if path.endswith(".pt") else path
 
 
 def save_checkpoint(path, raw_model, optimizer, cfg, step, extra, sharded=False):
@@ -205,6 +204,8 @@ def save_checkpoint(path, raw_model, optimizer, cfg, step, extra, sharded=False)
         if master:
             save_atomic({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), **meta}, path)
         return
+    import torch.distributed.checkpoint as dcp   # here, as below: importing it takes ~1 s at every start
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     folder = sharded_path(path)
     model_sd, optim_sd = get_state_dict(raw_model, optimizer)
     if master:
@@ -246,6 +247,8 @@ def load_state(model, optimizer, ck):
         if optimizer is not None:
             optimizer.load_state_dict(ck['optimizer'])
         return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     if optimizer is None:
         state = {'model': model.state_dict()}
         dcp.load(state, checkpoint_id=ck['dcp'])

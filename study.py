@@ -48,6 +48,7 @@ repeat = True             # train both arms of a comparison within its noise aga
 out_dir = 'out-study'     # one folder per study, the reports beside them
 dinov2_path = ''          # encoders: the DINOv2 checkpoint, a local folder ('' = facebook/dinov2-small, downloaded once)
 nproc = 1                 # processes per run (> 1: torchrun --standalone --nproc_per_node=nproc)
+arms = ''                 # comma-separated arms to run ('' = all of the study's), with the comparisons among them
 report_only = False       # True: rewrite out_dir's study_<name>.md from its study_<name>.json, training nothing
 # -----------------------------------------------------------------------------
 STUDIES = ('encoders', 'synergy', 'world', 'moe')
@@ -326,8 +327,21 @@ def train_arms(name, study, cfg, passthrough, seeds, folder, desc):
     return rows
 
 
+def chosen_arms(study, names):
+    """The study with only the named arms (names: comma-separated, '' = all) and the comparisons among them."""
+    if not names:
+        return study
+    keep = set(names.split(','))
+    unknown = keep - {a['name'] for a in study['arms']}
+    if unknown:
+        fail(f"no arm {', '.join(sorted(unknown))} in this study (its arms: "
+             f"{', '.join(a['name'] for a in study['arms'])})")
+    return {**{k: v for k, v in study.items() if k != 'extra'}, 'arms': [a for a in study['arms'] if a['name'] in keep],
+            'compare': [c for c in study['compare'] if c[0] in keep and c[1] in keep]}
+
+
 def run_study(name, cfg, tok, passthrough):
-    study = BUILD[name](cfg, tok)
+    study = chosen_arms(BUILD[name](cfg, tok), cfg['arms'])
     folder = os.path.join(cfg['out_dir'], name)
     seeds = {a['name']: [SEEDS[0]] for a in study['arms']}
     rows = train_arms(name, study, cfg, passthrough, seeds, folder, f"study {name}")

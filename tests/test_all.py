@@ -491,27 +491,29 @@ def torchrun(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, mode):
-    """DDP (and FSDP2, built on the meta device and initialised shard by shard, writing a sharded checkpoint
-    and resuming from it) on 2 processes x 1 micro-step against 1 process x 2 micro-steps: the same weights, up
-    to float summation order. In fp32: under bf16 autocast a last-bit difference in a summed gradient can flip
-    a weight's rounding to bf16."""
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """DDP, and FSDP2 (built on the meta device and initialised shard by shard, writing a sharded checkpoint
+    and resuming from it), on 2 processes x 1 micro-step against 1 process x 2 micro-steps: the same weights
+    after 3 steps and after a resume to 6, up to float summation order, and the same logged losses. In fp32:
+    under bf16 autocast a last-bit difference in a summed gradient can flip a weight's rounding to bf16."""
     args = [*SMOKE, '--eval_interval=3', '--batch_size=2', '--dtype=float32']
-    one, two = tmp_path / 'one', tmp_path / 'two'
+    one, want = tmp_path / 'one', {}
     for max_iters, resume in ((3, []), (6, ['--init_from=resume'])):
-        r1 = run_train(*args, f'--max_iters={max_iters}', '--grad_accum=2', f'--out_dir={one}', *resume)
-        assert r1.returncode == 0, r1.stderr[-2000:]
-        r2 = torchrun(*args, f'--max_iters={max_iters}', '--grad_accum=1', f'--out_dir={two}',
-                      f'--fsdp={mode == "fsdp"}', *resume)
-        assert r2.returncode == 0, r2.stderr[-3000:]
-        s1, s2 = final_state(one), final_state(two)
-        assert s1['step'] == s2['step'] == max_iters
-        for k in s1['model']:
-            torch.testing.assert_close(s1['model'][k], s2['model'][k], atol=2e-6, rtol=1e-5)
-    log1 = [json.loads(line) for line in open(one / 'log.jsonl') if '"loss"' in line]
-    log2 = [json.loads(line) for line in open(two / 'log.jsonl') if '"loss"' in line]
-    assert [round(e['loss'], 4) for e in log1] == [round(e['loss'], 4) for e in log2]
+        r = run_train(*args, f'--max_iters={max_iters}', '--grad_accum=2', f'--out_dir={one}', *resume)
+        assert r.returncode == 0, r.stderr[-2000:]
+        want[max_iters] = final_state(one)
+    losses = lambda out: [round(json.loads(line)['loss'], 4) for line in open(out / 'log.jsonl') if '"loss"' in line]
+    for mode in ('ddp', 'fsdp'):
+        two = tmp_path / mode
+        for max_iters, resume in ((3, []), (6, ['--init_from=resume'])):
+            r = torchrun(*args, f'--max_iters={max_iters}', '--grad_accum=1', f'--out_dir={two}',
+                         f'--fsdp={mode == "fsdp"}', *resume)
+            assert r.returncode == 0, r.stderr[-3000:]
+            got = final_state(two)
+            assert got['step'] == want[max_iters]['step'] == max_iters
+            for k in got['model']:
+                torch.testing.assert_close(got['model'][k], want[max_iters]['model'][k], atol=2e-6, rtol=1e-5)
+        assert losses(two) == losses(one), mode
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
