@@ -2,6 +2,9 @@
 train for a while: `python -m pytest -q -m "not slow"` is the quick edit-test loop (under a minute on 2 cores),
 `python -m pytest -q` the whole suite (what CI runs)."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -99,6 +102,28 @@ def run_script(script, *args, timeout=300):
 
 def run_train(*args):
     return run_script('train.py', *args, timeout=120)
+
+
+def run_main(script, *args):
+    """A script's main() in this process, as `python script args` would run it, for refusals that come before
+    any work (a process start costs seconds): its exit code, stdout and stderr, like run_script's. An exception
+    other than a refusal's SystemExit propagates: the traceback a user would have seen fails the test."""
+    module = importlib.import_module(script[:-3])
+    out, err, argv0, cwd = io.StringIO(), io.StringIO(), sys.argv[0], os.getcwd()
+    sys.argv[0] = os.path.join(ROOT, script)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.main(list(args))
+                code = 0
+            except SystemExit as e:  # fail() raises SystemExit('error: ...'), which Python prints to stderr
+                code = e.code if isinstance(e.code, int) else 1
+                print(e.code if e.code is not None and not isinstance(e.code, int) else '', file=sys.stderr)
+    finally:
+        sys.argv[0] = argv0
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 SMOKE = ['config/smoke.py', '--eval_batches=1', '--log_interval=1']

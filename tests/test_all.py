@@ -27,7 +27,7 @@ import rae
 import tokenizer
 import train
 from configurator import knobs
-from conftest import ROOT, SMOKE, random_batch, run_script, run_train, tiny_config
+from conftest import ROOT, SMOKE, random_batch, run_main, run_script, run_train, tiny_config
 from model import (Attention, Inputs, ModalityFFN, ModelConfig, Route, Transfusion, dense_mask, flex_attention,
                    flex_block_mask, rope_tables)
 from world import Obj
@@ -280,7 +280,6 @@ def test_tiny_model_overfits_one_batch_both_losses_fall(target):
 # -----------------------------------------------------------------------------
 # train.py: bad input is refused before any work starts
 
-@pytest.mark.slow
 @pytest.mark.parametrize('args, words', [
     (['--no_such_key=1'], "unknown config key 'no_such_key'"),
     (['--max_iters=abc'], "config key 'max_iters' wants int"),
@@ -288,7 +287,7 @@ def test_tiny_model_overfits_one_batch_both_losses_fall(target):
     (['--max_iters'], 'must look like --key=value'),
 ])
 def test_train_refuses_bad_flags_with_one_clear_sentence(args, words):
-    r = run_train(*args)
+    r = run_main('train.py', *args)
     assert r.returncode != 0
     assert words in r.stderr
     assert 'Traceback' not in r.stderr
@@ -433,19 +432,19 @@ def test_scene_scores_count_each_attribute():
 def test_sample_refuses_bad_input_with_one_clear_sentence(tiny_ckpt, args, words):
     if not any(a.startswith('--ckpt') for a in args):
         args = [f'--ckpt={tiny_ckpt}', *args]
-    r = run_script('sample.py', *args)
+    r = run_main('sample.py', *args)
     assert r.returncode != 0 and words in r.stderr and 'Traceback' not in r.stderr
 
 
 @pytest.mark.slow
 def test_sample_refuses_a_wrong_size_image_and_an_incompatible_checkpoint(tiny_ckpt, tmp_path):
     iio.imwrite(tmp_path / 'big.png', np.zeros((40, 40, 3), np.uint8))
-    r = run_script('sample.py', f'--ckpt={tiny_ckpt}', '--mode=i2t', f'--image={tmp_path / "big.png"}')
+    r = run_main('sample.py', f'--ckpt={tiny_ckpt}', '--mode=i2t', f'--image={tmp_path / "big.png"}')
     assert r.returncode != 0 and 'is 40x40; this model reads 32x32' in r.stderr
     ck = torch.load(tiny_ckpt, weights_only=True)
     ck['model'].pop('lm_head.weight')
     torch.save(ck, tmp_path / 'broken.pt')
-    r = run_script('sample.py', f'--ckpt={tmp_path / "broken.pt"}')
+    r = run_main('sample.py', f'--ckpt={tmp_path / "broken.pt"}')
     assert r.returncode != 0 and 'not a compatible checkpoint' in r.stderr and 'Traceback' not in r.stderr
 
 
@@ -464,7 +463,7 @@ def final_state(out):
 
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path):
-    args = [*SMOKE, '--max_iters=16', '--eval_interval=4']
+    args = [*SMOKE, '--max_iters=8', '--eval_interval=2']
     assert run_train(*args, f'--out_dir={tmp_path / "a"}').returncode == 0
     b = tmp_path / 'b'
     p = subprocess.Popen([sys.executable, 'train.py', *args, f'--out_dir={b}'], cwd=ROOT,
@@ -474,11 +473,11 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_identical_weights(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = final_state(b)['step']
-    assert killed_at < 16
+    assert killed_at < 8
     r = run_train(*args, f'--out_dir={b}', '--init_from=resume')
     assert r.returncode == 0, r.stderr[-2000:]
     a_state, b_state = final_state(tmp_path / 'a'), final_state(b)
-    assert b_state['step'] == 16
+    assert b_state['step'] == 8
     for k in a_state['model']:
         assert torch.equal(a_state['model'][k], b_state['model'][k]), k
     for k, v in a_state['optimizer']['state'].items():

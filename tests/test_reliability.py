@@ -23,7 +23,7 @@ import rae
 import tokenizer
 import train
 from configurator import configure, json_line, remove_orphans
-from conftest import SMOKE, random_batch, run_script, run_train, tiny_config
+from conftest import SMOKE, random_batch, run_main, run_script, run_train, tiny_config
 from loader import Loader
 from model import Transfusion
 from optim import configure_optimizer
@@ -117,15 +117,13 @@ def test_resume_allows_what_may_change_and_refuses_what_may_not():
 # -----------------------------------------------------------------------------
 # bad input: one sentence, before any long work
 
-@pytest.mark.slow
 def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
     t0 = time.time()
-    r = run_train('--mixture=text=1,bogus=1', f'--cache_dir={tmp_path / "cache"}')
+    r = run_main('train.py', '--mixture=text=1,bogus=1', f'--cache_dir={tmp_path / "cache"}')
     assert refused(r, "'bogus=1' names no document kind") and time.time() - t0 < 10
     assert not (tmp_path / 'cache').exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('args, words', [
     (['--block_size=48'], 'block_size=48 cannot hold a caption2image document'),
     (['--batch_size=0'], 'batch_size must be at least 1'),
@@ -135,7 +133,7 @@ def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
     (['--text_source=/no/such/file.txt'], 'cannot read text source /no/such/file.txt'),
 ])
 def test_train_refuses_bad_values_in_seconds(tmp_path, args, words):
-    r = run_train(*args, f'--cache_dir={tmp_path}')
+    r = run_main('train.py', *args, f'--cache_dir={tmp_path}')
     assert refused(r, words) and not any(tmp_path.iterdir())
 
 
@@ -175,7 +173,7 @@ def test_a_config_file_with_a_syntax_error_names_its_line(tmp_path):
     ('eval.py', ['--t_grid=0.5,1.5'], 'must lie in [0, 1)'),
 ])
 def test_sample_and_eval_refuse_bad_values(tiny_ckpt, script, args, words):
-    assert refused(run_script(script, f'--ckpt={tiny_ckpt}', *args), words)
+    assert refused(run_main(script, f'--ckpt={tiny_ckpt}', *args), words)
 
 
 @pytest.mark.slow
