@@ -171,10 +171,15 @@ def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, bat
     ATE: error of the accumulated position, averaged over the rollout (docs/paper.md §7's NWM metrics, in pixels).
     The no-motion baseline predicts the last frame again: its shifts are 0. The RAE ceiling (rpe_rae,
     ate_rae) scores the true frames after a round trip through the encoder and decoder: no model can do better
-    through this decoder."""
+    through this decoder. latent_error (latent_error_terms) splits the rollout's error by predicted frame into
+    exposure bias (right from true frames, wrong from its own) and an ignored action (a copy of its input):
+    each frame is also predicted teacher-forced, from the true frames before it (rpe_teacher_forced: its
+    one-step motion error in pixels)."""
     walks = heldout_walks(n, context + horizon, seed)
     device = next(model.parameters()).device
-    err = {'rpe': [], 'ate': [], 'rpe_still': [], 'ate_still': [], 'rpe_rae': [], 'ate_rae': []}
+    err = {'rpe': [], 'ate': [], 'rpe_still': [], 'ate_still': [], 'rpe_rae': [], 'ate_rae': [],
+           'rpe_teacher_forced': []}
+    lat = {k: [] for k in ('ar_vs_true', 'ar_vs_input', 'tf_vs_true', 'tf_vs_input', 'still', 'step')}
     for i in tqdm(range(0, n, batch), desc='world model rollouts', leave=False):
         chunk = walks[i:i + batch]
         frames = encode_frames(encoder, np.stack([w[1] for w in chunk]), device)
@@ -187,9 +192,46 @@ def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, bat
         for t in true:
             err['rpe_still'] += list(np.linalg.norm(t, axis=1))
             err['ate_still'] += list(np.linalg.norm(np.cumsum(t, 0), axis=1))
+        forced = teacher_forced(model, tok, frames, acts, context, horizon, steps, seed)
+        for key, e in latent_error_terms(frames, pred, forced, context).items():
+            lat[key].append(e)
+        # one step from true frames: the shift between true frame k - 1 and the frame predicted after it
+        err['rpe_teacher_forced'] += motion_errors(encoder, frames[:, context - 1:-1].flatten(0, 1)[:, None],
+                                                   forced.flatten(0, 1)[:, None],
+                                                   [t[k:k + 1] for t in true for k in range(horizon)])['rpe']
     res = {k: float(np.mean(v)) for k, v in err.items()}
     res['ate_ratio'] = res['ate'] / res['ate_still']
+    res['latent_error'] = {k: torch.cat(v).mean(0).tolist() for k, v in lat.items()}
     return res
+
+
+@torch.no_grad()
+def teacher_forced(model, tok, frames, acts, context, horizon, steps, seed):
+    """Frame context + k predicted from the `context` TRUE frames before it (k = 0 .. horizon - 1) and the
+    true actions: what the rollout would give at step k if every frame it had fed back were right.
+    frames [B, context + horizon, N, d] -> [B, horizon, N, d]."""
+    return torch.stack([rollout(model, tok, frames[:, k:k + context], acts[k:k + context], steps, seed)[:, 0]
+                        for k in range(horizon)], 1)
+
+
+def latent_error_terms(frames, pred, forced, context):
+    """Where a rollout's error comes from, in latent space (mean squared error per latent value), per walk and
+    predicted frame k = 1 .. H ([B, H] tensors): frames [B, context + H, N, d] true latents; pred the
+    autoregressive rollout's frames and forced the teacher-forced ones ([B, H, N, d]).
+        ar_vs_true / tf_vs_true     the predicted frame against the true frame k
+        ar_vs_input / tf_vs_input   the predicted frame against the last frame it was conditioned on (the
+                                    model's own previous frame in the rollout, the true one when forced):
+                                    near 0 means the model copies its input and ignores the action
+        still                       the last true context frame against the true frame k (standing still)
+        step                        true frame k - 1 against true frame k (copying the input, teacher-forced)
+    A tf_vs_true well below step with an ar_vs_true that grows past still is exposure bias (right from true
+    frames, lost from its own); a tf_vs_true near step with tf_vs_input near 0 is an ignored action."""
+    mse = lambda a, b: (a.float() - b.float()).square().mean((-2, -1)).cpu()
+    true, last = frames[:, context:], frames[:, context - 1:-1]
+    ar_inputs = torch.cat([frames[:, context - 1:context], pred[:, :-1]], 1)
+    return {'ar_vs_true': mse(pred, true), 'ar_vs_input': mse(pred, ar_inputs),
+            'tf_vs_true': mse(forced, true), 'tf_vs_input': mse(forced, last),
+            'still': mse(frames[:, context - 1:context], true), 'step': mse(last, true)}
 
 
 def motion_errors(encoder, last, future, true):
@@ -332,6 +374,13 @@ def print_report(res, model, tok, ts, cfg):
               f"through the RAE)")
         print(f"{'world model RPE (px)':34s} {w['rpe']:8.3f}   {w['rpe_still']:.3f} (no motion)   "
               f"{w['rpe_rae']:.3f} (true frames through the RAE)")
+        print(f"{'world model RPE, one step from true':34s} {w['rpe_teacher_forced']:8.3f}   (teacher-forced)")
+        print("latent MSE of predicted frame k = 1..H: against the truth / against the frame it was fed last")
+        lat = w['latent_error']
+        for name, a, b in (('rollout (own frames)', 'ar_vs_true', 'ar_vs_input'),
+                           ('teacher-forced (true frames)', 'tf_vs_true', 'tf_vs_input'),
+                           ('standing still / copying', 'still', 'step')):
+            print(f"  {name:32s} " + '  '.join(f"{x:.3f}/{y:.3f}" for x, y in zip(lat[a], lat[b])))
         print(f"{'planning: final position error (px)':34s} {p['cem_position_error']:8.3f}   "
               f"{p['random_position_error']:.3f} (random action)")
     if 'experts' in res:

@@ -314,6 +314,12 @@ def test_world_model_scores_compare_with_the_true_motion_and_random_plans():
     true = np.concatenate([np.array(w[2][1:], float) for w in evaluation.heldout_walks(2, 4, 0)])
     assert np.isclose(res['rpe_still'], np.linalg.norm(true, axis=1).mean())   # no motion: error = the motion
     assert res['ate_ratio'] == res['ate'] / res['ate_still']
+    lat = res['latent_error']      # per predicted frame
+    assert set(lat) == {'ar_vs_true', 'ar_vs_input', 'tf_vs_true', 'tf_vs_input', 'still', 'step'}
+    assert all(len(v) == 2 and all(x >= 0 for x in v) for v in lat.values())
+    # the first predicted frame has the same (true) context either way: forced and rollout agree on it
+    assert np.isclose(lat['tf_vs_true'][0], lat['ar_vs_true'][0]) and lat['still'][0] == lat['step'][0]
+    assert res['rpe_teacher_forced'] >= 0
     plan = evaluation.planning(model, tok, ENC, n=1, context=2, steps=2, seed=0, population=4, iters=1)
     assert set(plan) == {'cem_position_error', 'random_position_error'}
     assert all(0 <= v <= 2 * 4 * 2 ** 0.5 for v in plan.values())   # a goal is one action away
@@ -328,3 +334,33 @@ def test_motion_errors_are_zero_for_the_true_frames_and_the_baseline_for_standin
     assert max(exact['ate']) < 0.5 and max(exact['rpe']) < 0.5
     still = evaluation.motion_errors(enc, frames[:, 3:4], frames[:, 3:4], true)
     np.testing.assert_allclose(still['ate'], [np.linalg.norm(t[0]) for t in true], atol=0.5)
+
+
+def fake_rollout(step):
+    """A stand-in for generate.rollout on frames whose latents are their index (frame j = j everywhere): each
+    new frame is the last one + step (1: follows the walk exactly; 0: copies its input)."""
+    def roll(model, tok, frames, actions, steps=25, seed=0):
+        seq = list(frames.unbind(1))
+        for _ in range(len(actions) - (frames.shape[1] - 1)):
+            seq.append(seq[-1] + step)
+        return torch.stack(seq[frames.shape[1]:], 1)
+    return roll
+
+
+@pytest.mark.parametrize('step', [1, 0])
+def test_latent_errors_separate_a_model_that_follows_the_walk_from_one_that_copies_its_input(monkeypatch, step):
+    context, horizon = 3, 4
+    frames = torch.arange(context + horizon, dtype=torch.float)[None, :, None, None].expand(2, -1, 5, 6)
+    acts = ['a'] * (context + horizon - 1)
+    monkeypatch.setattr(evaluation, 'rollout', fake_rollout(step))
+    pred = evaluation.rollout(None, None, frames[:, :context], acts)
+    forced = evaluation.teacher_forced(None, None, frames, acts, context, horizon, 2, 0)
+    e = {k: v.mean(0).tolist() for k, v in evaluation.latent_error_terms(frames, pred, forced, context).items()}
+    k = np.arange(1, horizon + 1)
+    assert e['still'] == list(k ** 2.0) and e['step'] == [1.0] * horizon      # the baselines
+    if step == 1:    # right from true frames and from its own: no exposure bias, and it moves
+        assert e['tf_vs_true'] == e['ar_vs_true'] == [0.0] * horizon
+        assert e['tf_vs_input'] == e['ar_vs_input'] == [1.0] * horizon
+    else:            # ignores the action: equal to its input, so as far off as standing still
+        assert e['tf_vs_input'] == e['ar_vs_input'] == [0.0] * horizon
+        assert e['tf_vs_true'] == e['step'] and e['ar_vs_true'] == e['still']
