@@ -221,10 +221,11 @@ def text_share(mixture, tok, n_latent, video_frames):
 @dataclass
 class Batch:
     """Packed rows. Per position, (B, T): the token layout. Per latent slot (the L positions with modality 1,
-    row-major, n_latent per visual block): where it is, whether it is a target, its clean latent (float16: the
-    latents travel only where they are). Pictures still to encode (clip frames are rendered fresh): their uint8
-    pixels and which visual block each fills; encode_pending() runs the encoder on the training device.
-    Every index is computed here, on the host, so the step on the device never waits to learn a shape."""
+    row-major, n_latent per visual block): where it is, whether it is a target or a clip's context frame, its
+    clean latent (float16: the latents travel only where they are). Pictures still to encode (clip frames are
+    rendered fresh): their uint8 pixels and which visual block each fills; encode_pending() runs the encoder on
+    the training device. Every index is computed here, on the host, so the step on the device never waits to
+    learn a shape."""
     tokens: torch.Tensor      # (B, T) long: text ids; <IMG> at latent slots
     targets: torch.Tensor     # (B, T) long: next text token, -1 where there is no LM loss
     modality: torch.Tensor    # (B, T) long: 0 text, 1 latent
@@ -234,6 +235,7 @@ class Batch:
     text_idx: torch.Tensor    # (n,) long: positions with an LM target, as flat indices b * T + j
     lat_idx: torch.Tensor     # (L,) long: latent slots, as flat indices b * T + j
     lat_target: torch.Tensor  # (L,) bool: slot of a TARGET block (noised, flow loss)
+    lat_clip: torch.Tensor    # (L,) bool: slot of a CONTEXT frame of a clip (a document of several visual blocks)
     latents: torch.Tensor     # (L, d) float16: clean latents (zeros where pending)
     pixels: torch.Tensor      # (P, H, W, 3) uint8: pictures whose latents are still to be computed
     pending: torch.Tensor     # (P,) long: the visual block (counted row-major over the batch) each one fills
@@ -276,11 +278,13 @@ def pack(rows, tok, T, n_latent, d_latent):
     doc = torch.full((B, T), -1, dtype=torch.long)
     pos = torch.zeros(B, T, dtype=torch.long)
     visuals = []  # every visual block in row-major order: the order of the latent slots
+    clip = []     # whether each is a context frame of a clip (model.py's ctx_noise may noise those)
     for b, docs in enumerate(rows):
         i, n_blocks = 0, 0
         for d, segments in enumerate(docs):
             start = i
             ids = [tok.bos]
+            several = sum(isinstance(s, Visual) for s in segments) > 1
             for s in segments:
                 if isinstance(s, str):
                     ids += tok.encode(s)
@@ -292,6 +296,7 @@ def pack(rows, tok, T, n_latent, d_latent):
                 modality[b, j:j + n_latent] = 1
                 block[b, j:j + n_latent] = n_blocks
                 visuals.append(s)
+                clip.append(several and not s.target)
                 n_blocks += 1
                 i, ids = j + n_latent, [tok.eoi]
             ids.append(tok.eos)
@@ -312,9 +317,9 @@ def pack(rows, tok, T, n_latent, d_latent):
     pending = [k for k, v in enumerate(visuals) if v.latents is None]
     pixels = (torch.from_numpy(np.stack([visuals[k].image for k in pending])) if pending
               else torch.zeros(0, 1, 1, 3, dtype=torch.uint8))
+    per_slot = lambda flags: torch.tensor(flags, dtype=torch.bool).repeat_interleave(n_latent)
     return Batch(tokens, targets, modality, block, doc, pos, targets.flatten().ge(0).nonzero().squeeze(1),
-                 modality.flatten().nonzero().squeeze(1),
-                 torch.tensor([v.target for v in visuals], dtype=torch.bool).repeat_interleave(n_latent),
+                 modality.flatten().nonzero().squeeze(1), per_slot([v.target for v in visuals]), per_slot(clip),
                  latents.view(-1, d_latent), pixels, torch.tensor(pending, dtype=torch.long))
 
 

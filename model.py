@@ -296,6 +296,8 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5     # RMSNorm epsilon
     qk_norm: bool = True       # RMSNorm (with a gain) on each head's queries and keys before RoPE (speedruns)
+    ctx_noise: float = 0.0     # clips: context frames noised in training to u ~ U(0, ctx_noise), fed with t = 1 - u
+    rollout_noise: float = 0.0  # rollouts: each generated frame fed back noised to u = rollout_noise (t = 1 - u)
     attn: str = 'auto'         # auto (flex to train on CUDA, SDPA elsewhere) | sdpa | flex
 
     def __post_init__(self):
@@ -316,6 +318,8 @@ class ModelConfig:
              f"of moe_experts={self.moe_experts}"),
             (self.moe_d_expert >= 0 and self.shift >= 0 and self.flow_weight >= 0,
              "moe_d_expert, shift and flow_weight must not be negative"),
+            (0 <= self.ctx_noise < 1 and 0 <= self.rollout_noise < 1,
+             f"ctx_noise and rollout_noise are noise levels in [0, 1), got {self.ctx_noise}, {self.rollout_noise}"),
             (self.flow_target in ('v', 'x'), f"flow_target must be 'v' or 'x', got {self.flow_target!r}"),
             (self.attn in ('auto', 'sdpa', 'flex'), f"attn must be auto, sdpa or flex, got {self.attn!r}"),
             (self.d_model % self.n_head == 0, f"d_model {self.d_model} is not divisible by n_head {self.n_head}"),
@@ -349,15 +353,22 @@ SHAPES = ('vocab_size', 'block_size', 'd_latent', 'n_latent')  # set from the da
 KNOBS = {f.name: f.default for f in fields(ModelConfig) if f.name not in SHAPES}
 
 
-def latent_times(batch, n_latent, alpha, t_fixed=None):
+def latent_times(batch, n_latent, alpha, t_fixed=None, ctx_noise=0.0):
     """t of every latent slot (L,): one draw per visual block (each picture or video frame has its own t,
     Diffusion Forcing), shared by its n_latent slots, or t_fixed for all; context blocks are clean (t = 1).
-    The number of blocks comes from the shapes, so nothing waits on the device."""
+    With ctx_noise > 0 the context frames of clips (batch.lat_clip) are noised to t = 1 - u, u ~ U(0, ctx_noise)
+    per frame, drawn after the targets' times (which stay as they were): the model learns to read past the
+    errors of frames it generated itself (GameNGen's noise augmentation); the pictures of image->text documents
+    stay clean. The number of blocks comes from the shapes, so nothing waits on the device."""
     n_blocks = batch.lat_idx.shape[0] // n_latent
     t_block = flow.sample_t((n_blocks,), alpha, device=batch.latents.device)
     if t_fixed is not None:
         t_block = torch.full_like(t_block, t_fixed)
-    return torch.where(batch.lat_target, t_block.repeat_interleave(n_latent), 1.0)
+    t = torch.where(batch.lat_target, t_block.repeat_interleave(n_latent), 1.0)
+    if ctx_noise > 0:
+        u = ctx_noise * torch.rand(n_blocks, device=batch.latents.device)
+        t = torch.where(batch.lat_clip, 1 - u.repeat_interleave(n_latent), t)
+    return t
 
 
 class Transfusion(nn.Module):
@@ -510,13 +521,16 @@ class Transfusion(nn.Module):
         """The joint training loss on a packed Batch (data.py) whose latents are all encoded. -> (loss, metrics).
 
         Each target visual block draws its own t (one per image / frame, Diffusion-Forcing style), or every
-        target block takes t_fixed (eval on a grid of t); context blocks stay clean (t = 1), no flow loss.
+        target block takes t_fixed (eval on a grid of t); context blocks stay clean (t = 1), no flow loss, except
+        the context frames of clips in training with ctx_noise > 0 (latent_times), noised to their t.
         Every selection is by index tensors the batch brings (text_idx, lat_idx) or by weights, never by a
         boolean mask: no shape depends on the device's data, so the step never waits on it."""
         x0 = batch.latents.float()
-        t = latent_times(batch, self.cfg.n_latent, self.cfg.alpha, t_fixed)
+        # context frames are noised in training only: held-out losses read clean true frames
+        ctx_noise = self.cfg.ctx_noise if self.training else 0.0
+        t = latent_times(batch, self.cfg.n_latent, self.cfg.alpha, t_fixed, ctx_noise)
         noise = torch.randn_like(x0)
-        z = torch.where(batch.lat_target.unsqueeze(-1), flow.add_noise(x0, noise, t), x0)
+        z = torch.where((t < 1).unsqueeze(-1), flow.add_noise(x0, noise, t), x0)   # targets (and noised context)
         inp = Inputs(batch.tokens, batch.modality, batch.block, batch.doc, batch.pos, batch.lat_idx, z, t)
         h, auxes = self.hidden(inp, flex_ok=True)
         h = h.flatten(0, 1)

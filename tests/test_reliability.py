@@ -130,6 +130,7 @@ def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
     (['--max_iters=0'], 'max_iters must be at least 1'),
     (['--device=tpu'], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (['--n_head=3'], 'd_model 256 is not divisible by n_head 3'),
+    (['--ctx_noise=1'], 'ctx_noise and rollout_noise are noise levels in [0, 1), got 1.0, 0.0'),
     (['--text_source=/no/such/file.txt'], 'cannot read text source /no/such/file.txt'),
 ])
 def test_train_refuses_bad_values_in_seconds(tmp_path, args, words):

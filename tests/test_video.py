@@ -364,3 +364,80 @@ def test_latent_errors_separate_a_model_that_follows_the_walk_from_one_that_copi
     else:            # ignores the action: equal to its input, so as far off as standing still
         assert e['tf_vs_input'] == e['ar_vs_input'] == [0.0] * horizon
         assert e['tf_vs_true'] == e['step'] and e['ar_vs_true'] == e['still']
+
+
+def clip_and_picture_batch():
+    """One row: an action clip (3 frames, the last a target, the others context) and a question/answer picture
+    (context): four visual blocks of 16 slots."""
+    tok = tokenizer.Tokenizer()
+    pics = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    clip = encoded([data.Visual(p, t) for p, t in zip(pics, (False, False, True))])
+    clip.insert(1, video.format_action(1, 2))
+    clip.insert(3, video.format_action(-1, 0))
+    qa = [data.Visual(None, False, torch.randn(ENC.n_tokens, ENC.d_latent)), 'q: how many? a: 1']
+    return tok, data.pack([[clip, qa]], tok, 256, ENC.n_tokens, ENC.d_latent)
+
+
+def test_noised_context_frames_of_clips_carry_their_t_into_the_model_and_pictures_stay_clean(monkeypatch):
+    tok, batch = clip_and_picture_batch()
+    blocks = [slice(16 * k, 16 * (k + 1)) for k in range(4)]   # the clip's frames 0, 1, 2, then the qa picture
+    assert batch.lat_clip.tolist() == [True] * 32 + [False] * 32   # the clip's context frames, found on the host
+    torch.manual_seed(0)
+    t0 = latent_times(batch, 16, 3.0)
+    torch.manual_seed(0)
+    t = latent_times(batch, 16, 3.0, ctx_noise=0.5)
+    for k in (0, 1):                                         # the clip's context frames: one t each, in [0.5, 1)
+        assert len(set(t[blocks[k]].tolist())) == 1 and 0.5 <= float(t[blocks[k]][0]) < 1
+        assert (t0[blocks[k]] == 1).all()                    # (clean without the knob)
+    assert torch.equal(t[blocks[2]], t0[blocks[2]])          # the target frame's t is as it was
+    assert (t[blocks[3]] == 1).all()                         # the picture of a question stays clean
+    model = Transfusion(ModelConfig(vocab_size=262, block_size=256, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
+                                    d_ff=64, d_latent=ENC.d_latent, n_latent=ENC.n_tokens, attn='sdpa',
+                                    ctx_noise=0.5))
+    seen = {}
+    hidden = model.hidden
+    monkeypatch.setattr(model, 'hidden', lambda inp, **k: (seen.update(z=inp.z, t=inp.t), hidden(inp, **k))[1])
+    x0, ctx = batch.latents.float(), slice(0, 32)
+    for mode in ('train', 'eval'):
+        getattr(model, mode)()
+        model(batch)
+        if mode == 'train':   # what the model reads at a context frame: its latents noised to its t
+            assert (seen['t'][ctx] < 1).all() and not torch.allclose(seen['z'][ctx], x0[ctx])
+        else:                 # held-out losses (and rollouts) read clean true frames
+            assert (seen['t'][ctx] == 1).all() and torch.equal(seen['z'][ctx], x0[ctx])
+        assert torch.equal(seen['z'][blocks[3]], x0[blocks[3]])
+
+
+def test_rollout_feeds_generated_frames_back_renoised_with_their_t_and_true_frames_clean(monkeypatch):
+    model, tok = tiny_model(), tokenizer.Tokenizer()
+    N, d = ENC.n_tokens, ENC.d_latent
+    frames = torch.randn(2, 2, N, d)
+    acts = [video.format_action(1, -2), video.format_action(0, 3), video.format_action(2, 2),
+            video.format_action(-1, 1)]
+    windows = []
+
+    def sample_image(model, tok, doc, kv, steps, cfg_scale, generator):   # records what each window reads
+        lat = doc.modality[0] == 1
+        windows.append((doc.z[:, lat].view(2, -1, N, d), doc.t[0, lat].view(-1, N)))
+        return torch.full((2, N, d), 10.0 * len(windows))                    # generated frame h: 10 (h + 1)
+    monkeypatch.setattr(generate, 'sample_image', sample_image)
+    for renoise, t_fed in ((0.0, 1.0), (0.2, 0.8)):
+        windows.clear()
+        pred = generate.rollout(model, tok, frames, acts, steps=2, renoise=renoise)
+        assert [float(p[0, 0, 0]) for p in pred.unbind(1)] == [10.0, 20.0, 30.0]   # clean predictions returned
+        (z1, t1), (z2, t2), (z3, t3) = windows
+        assert torch.equal(z1, frames) and (t1 == 1).all()                  # the true frames: clean, t = 1
+        assert torch.equal(z2[:, 0], frames[:, 1]) and (t2[0] == 1).all()
+        assert (t2[1] == t_fed).all() and (t3 == t_fed).all()              # generated frames: t = 1 - renoise
+        if renoise == 0:
+            assert (z2[:, 1] == 10).all() and (z3[:, 0] == 10).all() and (z3[:, 1] == 20).all()
+        else:    # z = 0.8 x + 0.2 noise, noised once: the same noised frame in every later window
+            assert torch.equal(z2[:, 1], z3[:, 0])
+            assert (z2[:, 1] - 8.0).std().item() == pytest.approx(0.2, rel=0.15)
+            assert (z3[:, 1] - 16.0).mean().abs() < 0.05
+    monkeypatch.undo()
+    model.cfg.rollout_noise = 0.2          # the model's knob is the default
+    a = generate.rollout(model, tok, frames, acts[:3], steps=2, seed=1)
+    b = generate.rollout(model, tok, frames, acts[:3], steps=2, seed=1, renoise=0.2)
+    c = generate.rollout(model, tok, frames, acts[:3], steps=2, seed=1, renoise=0.0)
+    assert torch.equal(a, b) and torch.equal(a[:, 0], c[:, 0]) and not torch.equal(a[:, 1], c[:, 1])
