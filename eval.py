@@ -46,6 +46,7 @@ horizon = 4               # predicted frames
 n_plans = 16              # planning episodes
 plan_steps = 10           # Euler steps per predicted frame while planning (CEM runs many rollouts)
 seed = 0                  # the evaluation's seed (prompts, pictures, questions, walks)
+rollout_noise = -1.0      # rollouts: the noise level generated frames are fed back at (-1: the checkpoint's)
 only = ''                 # '' = every part; else some of generation,understanding,world, or just losses
 device = 'auto'           # auto | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
@@ -56,6 +57,8 @@ def check_knobs(cfg):
               'plan_steps'):
         if cfg[k] < 1:
             fail(f"{k} must be at least 1, got {cfg[k]}")
+    if not (cfg['rollout_noise'] == -1 or 0 <= cfg['rollout_noise'] < 1):
+        fail(f"rollout_noise must be -1 (the checkpoint's) or in [0, 1), got {cfg['rollout_noise']}")
     if cfg['cfg_scale'] < 0:
         fail(f"cfg_scale must not be negative, got {cfg['cfg_scale']}")
     try:
@@ -202,6 +205,7 @@ def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, bat
     res = {k: float(np.mean(v)) for k, v in err.items()}
     res['ate_ratio'] = res['ate'] / res['ate_still']
     res['latent_error'] = {k: torch.cat(v).mean(0).tolist() for k, v in lat.items()}
+    res['rollout_noise'] = model.cfg.rollout_noise
     return res
 
 
@@ -395,6 +399,8 @@ def main(argv):
     cfg = configure(knobs(globals()), argv, __doc__)
     ts, parts = check_knobs(cfg)
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))
+    if cfg['rollout_noise'] >= 0:
+        model.cfg.rollout_noise = cfg['rollout_noise']
     # the scene parser, the questions and the maps are the world's: a model of your pictures or videos gets
     # the held-out losses on them (and the world parts its other data allow)
     own_pictures = tcfg['image_folder'] or tcfg['image_shards']

@@ -172,6 +172,7 @@ def test_a_config_file_with_a_syntax_error_names_its_line(tmp_path):
     ('sample.py', ['--cfg_scale=-1'], 'must not be negative'),
     ('eval.py', ['--n_batches=0'], 'n_batches must be at least 1'),
     ('eval.py', ['--t_grid=0.5,1.5'], 'must lie in [0, 1)'),
+    ('eval.py', ['--rollout_noise=1.5'], 'rollout_noise must be -1'),
 ])
 def test_sample_and_eval_refuse_bad_values(tiny_ckpt, script, args, words):
     assert refused(run_main(script, f'--ckpt={tiny_ckpt}', *args), words)

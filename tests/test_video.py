@@ -441,3 +441,16 @@ def test_rollout_feeds_generated_frames_back_renoised_with_their_t_and_true_fram
     b = generate.rollout(model, tok, frames, acts[:3], steps=2, seed=1, renoise=0.2)
     c = generate.rollout(model, tok, frames, acts[:3], steps=2, seed=1, renoise=0.0)
     assert torch.equal(a, b) and torch.equal(a[:, 0], c[:, 0]) and not torch.equal(a[:, 1], c[:, 1])
+
+
+def test_world_model_scores_roll_out_with_the_rollout_noise_asked_for():
+    model, tok = tiny_model(), tokenizer.Tokenizer()
+    runs = {}
+    for noise in (0.0, 0.3):
+        model.cfg.rollout_noise = noise
+        runs[noise] = evaluation.world_model_error(model, tok, ENC, n=2, context=2, horizon=2, steps=2, seed=0,
+                                                   batch=2)
+    assert runs[0.3]['rollout_noise'] == 0.3 and runs[0.0]['rollout_noise'] == 0.0
+    a, b = runs[0.0]['latent_error'], runs[0.3]['latent_error']
+    assert a['ar_vs_true'][0] == b['ar_vs_true'][0] and a['ar_vs_true'][1:] != b['ar_vs_true'][1:]
+    assert a['tf_vs_true'] == b['tf_vs_true']     # teacher-forced windows hold true frames only
