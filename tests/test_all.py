@@ -128,6 +128,25 @@ def test_euler_sampler_integrates_a_linear_flow_exactly():
     assert abs(z.item() - math.e) < 2e-3
 
 
+def test_x_prediction_sampler_lands_on_the_x0_its_loss_is_zero_for():
+    # a network whose x-prediction is the truth has zero training loss (above); through generate.sample_image
+    # (the same to_velocity as the loss) its Euler steps must then land on that truth: sampler and loss agree
+    tok = tokenizer.Tokenizer()
+    m = Transfusion(tiny_config(flow_target='x', shift=3.0)).eval()
+    x0 = torch.randn(m.cfg.n_latent, m.cfg.d_latent)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, h):
+            return x0.expand(*h.shape[:-1], -1)
+    m.lat_out = Oracle()
+    for steps in (10, 25):          # planning's and eval's
+        doc = generate.start_doc(m, tok, ['a caption'], 2)
+        z = generate.sample_image(m, tok, doc, None, steps, 1.0, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(z, x0.expand(2, -1, -1))
+        t = flow.sampling_grid(steps, 3.0)[:-1]
+        assert (1 - t).min() > flow.T_EPS   # no Euler step starts where the loss clamps 1 - t
+
+
 def test_cfg_extrapolates_from_unconditional_to_conditional():
     v_c, v_u = torch.full((2,), 2.0), torch.full((2,), 1.0)
     z = flow.euler_sample(lambda z, t, cond: v_c if cond else v_u, torch.zeros(2), steps=4, alpha=1.0,
