@@ -313,10 +313,11 @@ def main(argv):
     # DINOv2 decodes 4,096 pictures: backpropagating a feature loss through it is too slow on a CPU anyway
     over = {'pixel': {}, 'vit': {}, 'dinov2': {'rae_images': 4096}}
     rows = [rae_score.score(build_encoder({**cfg, 'encoder': name, **o})) for name, o in over.items()]
-    print(f"{'encoder':8} {'N x d':>8} {'PSNR':>6} {'parsed':>7} {'probe':>6} {'enc/s':>7} {'dec/s':>7}")
+    print(f"{'encoder':8} {'N x d':>8} {'PSNR':>6} {'parsed':>7} {'probe':>6} {'@cell':>6} {'enc/s':>7} {'dec/s':>7}")
     for r in rows:
+        cell = '-' if r['probe_shape_at_place'] is None else f"{r['probe_shape_at_place']:.3f}"
         print(f"{r['encoder']:8} {r['n_tokens']:>3}x{r['d_latent']:<4} {r['psnr']:6.1f} {r['parse_accuracy']:7.3f} "
-              f"{r['probe_largest_shape']:6.3f} {r['encode_per_s']:7.0f} {r['decode_per_s']:7.0f}")
+              f"{r['probe_largest_shape']:6.3f} {cell:>6} {r['encode_per_s']:7.0f} {r['decode_per_s']:7.0f}")
     Path('docs').mkdir(exist_ok=True)
     Path('docs/rae.json').write_text(json.dumps(rows, indent=1))
     print("wrote docs/rae.json")

@@ -3,7 +3,8 @@ How good an encoder and its decoder are (`python rae.py` prints these; `--report
 
     score(enc)        held-out world pictures: reconstruction PSNR, the share whose reconstruction the scene
                       parser reads as the true scene, a linear probe of the largest object's shape on the mean
-                      latent, and encode / decode throughput
+                      latent, one of each object's shape on the tokens over its place (probe_shape_at_place),
+                      and encode / decode throughput
     score_folder(...) an image_folder's held-out pictures: reconstruction PSNR (the parser and probe are world-only)
 """
 
@@ -46,6 +47,37 @@ def linear_probe(train_x, train_y, test_x, test_y, n_class, steps=300):
     return ((test_x @ w + b).argmax(1) == test_y).float().mean().item()
 
 
+def cell_tokens(n_tokens, res=world.RES):
+    """For each of the world's 9 places, the latent tokens (of a square grid of n_tokens patches over the
+    picture) whose patch overlaps that place's cell: with 16 tokens (8x8 patches of 32 px) each cell overlaps
+    2 x 2."""
+    g = int(round(n_tokens ** 0.5))
+    patch, cell = res / g, res / 3
+    span = lambda c: [i for i in range(g) if i * patch < (c + 1) * cell and (i + 1) * patch > c * cell]
+    return [[r * g + c for r in span(place // 3) for c in span(place % 3)] for place in range(len(world.PLACES))]
+
+
+@torch.no_grad()
+def object_features(enc, images, scenes, batch_size=256):
+    """One row per object: the latents of the tokens over its cell, concatenated (what 'what shape is at P'
+    must read), with the object's shape as the label."""
+    cells = cell_tokens(enc.n_tokens, enc.res)
+    z = torch.cat([enc.encode(data.image_tensor(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    rows = [(z[k, cells[o.place]].flatten(), world.SHAPES.index(o.shape)) for k, s in enumerate(scenes) for o in s]
+    return torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+
+
+def probe_shape_at_place(enc, train_images, train_scenes, images, scenes):
+    """A linear probe of each object's shape from the tokens over its cell (object_features), trained on the
+    first pictures and scored on the second: whether the latents carry what a question 'what shape is at P'
+    reads. None when the tokens do not form a square grid over the picture."""
+    if round(enc.n_tokens ** 0.5) ** 2 != enc.n_tokens:
+        return None
+    with torch.enable_grad():
+        return linear_probe(*object_features(enc, train_images, train_scenes), *object_features(enc, images, scenes),
+                            len(world.SHAPES))
+
+
 def psnr(recon, truth):
     return (10 * torch.log10(1 / (recon - truth).square().mean((1, 2, 3)).clamp(min=1e-10))).mean().item()
 
@@ -62,7 +94,8 @@ def score_folder(enc, image_folder, cache_dir):
 @torch.no_grad()
 def score(enc, n_val=1024, n_probe=4096):
     """Reconstruction of held-out pictures (PSNR, fraction parsing to the true scene), a linear probe of the
-    mean latent on the largest object's shape, and encode/decode throughput (pictures/s)."""
+    mean latent on the largest object's shape, one of each object's shape from the tokens over its cell
+    (probe_shape_at_place), and encode/decode throughput (pictures/s)."""
     images, scenes = data.world_images('val', n_val, enc.res), data.world_scenes('val', n_val)
     recon, t_enc, t_dec = [], 0.0, 0.0
     for i in tqdm(range(0, n_val, 128), desc=f'scoring {enc.name}'):
@@ -82,4 +115,5 @@ def score(enc, n_val=1024, n_probe=4096):
                              label(scenes), len(world.SHAPES))
     return {'encoder': enc.name, 'n_tokens': enc.n_tokens, 'd_latent': enc.d_latent, 'psnr': psnr(recon, truth),
             'parse_accuracy': parsed, 'probe_largest_shape': probe, 'probe_chance': 1 / len(world.SHAPES),
+            'probe_shape_at_place': probe_shape_at_place(enc, train_images, train_scenes, images, scenes),
             'encode_per_s': n_val / t_enc, 'decode_per_s': n_val / t_dec}

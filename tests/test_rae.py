@@ -16,8 +16,10 @@ import torch.nn.functional as F
 import data
 import pretrained
 import rae
+import rae_score
 import rae_train
 import tokenizer
+import world
 
 WEIGHTS = Path(__file__).resolve().parents[2] / 'shared' / 'weights' / 'dinov2-vits14'
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=56)
@@ -336,3 +338,20 @@ def test_a_coarser_patch_and_other_widths_round_trip_through_the_rae_and_the_pac
     first = (b.block[0] == 0).nonzero().squeeze(1)
     assert len(first) == 16 and b.latents.shape[-1] == 32
     assert len(b.latents) == int((b.modality == 1).sum()) and b.latents.abs().sum(-1).gt(0).all()
+
+
+def test_each_place_is_read_from_the_tokens_whose_patches_overlap_its_cell():
+    cells = rae_score.cell_tokens(16)              # 8x8 patches of a 32-px picture: a 4 x 4 grid
+    assert cells[0] == [0, 1, 4, 5] and cells[4] == [5, 6, 9, 10] and cells[8] == [10, 11, 14, 15]
+    assert all(len(c) == 4 for c in cells) and sorted(set(sum(rae_score.cell_tokens(64), []))) == list(range(64))
+    assert rae_score.cell_tokens(9) == [[i] for i in range(9)]   # a 3 x 3 grid: one token a cell
+    enc = rae.PixelEncoder(32, 8).fit(torch.rand(4, 3, 32, 32))
+    scenes = [world.sample_scene(np.random.default_rng(i)) for i in range(8)]
+    images = np.stack([world.render(s) for s in scenes])
+    x, y = rae_score.object_features(enc, images, scenes)
+    assert len(x) == len(y) == sum(map(len, scenes)) and x.shape[1] == 4 * enc.d_latent
+    assert y.tolist() == [world.SHAPES.index(o.shape) for s in scenes for o in s]
+    acc = rae_score.probe_shape_at_place(enc, images[:6], scenes[:6], images[6:], scenes[6:])
+    assert 0 <= acc <= 1
+    enc.n_tokens = 12                                     # no square grid of patches: no cell to read
+    assert rae_score.probe_shape_at_place(enc, images[:6], scenes[:6], images[6:], scenes[6:]) is None
