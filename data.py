@@ -56,7 +56,11 @@ KNOBS = dict(
     shard_val_share=0.01,    # shards: the share of samples held out, by key hash (when val_shards is '')
     shard_buffer=512,        # shards: the shuffle buffer of each reader, in samples
     shard_max_bad=0.2,       # shards: more than this share of a reader's samples unusable stops the run
+    qa_per_picture=3,        # questions per qa document (one picture, one question a line)
+    qa_kinds='',             # question kinds' weights, e.g. 'shape=2,is_there=2' (others 1); '' = uniform
+    qa_balance=False,        # yes/no questions in pairs on one picture, one answered yes and one no
 )
+QA_KIND_NAMES = {k.replace(' ', '_'): k for k in world.QUESTION_KINDS}   # qa_kinds' names: is_there, anything_at
 TEXT_MAX_BYTES = 256 << 20   # a text_source larger than this is refused (it is read whole)
 TEXT_TIMEOUT_S = 120         # a text_source URL must arrive within this many seconds
 
@@ -77,11 +81,53 @@ class Visual:
 QA_PER_PICTURE = 3
 
 
-def world_document(kind, rng, pool, p_uncond=0.0):
+def qa_options(cfg):
+    """The qa knobs of a config as (questions per picture, each kind's probability, balance), or None when they
+    are the defaults (the documents drawn exactly as without the knobs); ValueError naming a bad value."""
+    per, kinds = cfg.get('qa_per_picture', QA_PER_PICTURE), cfg.get('qa_kinds', '')
+    balance = cfg.get('qa_balance', False)
+    if (per, kinds, balance) == (QA_PER_PICTURE, '', False):
+        return None
+    weights = {k: 1.0 for k in world.QUESTION_KINDS}
+    for part in filter(None, kinds.split(',')):
+        name, _, w = part.partition('=')
+        try:
+            w = float(w)
+        except ValueError:
+            raise ValueError(f"qa_kinds entry {part!r} is not kind=weight") from None
+        if name not in QA_KIND_NAMES or not w >= 0:
+            raise ValueError(f"qa_kinds entry {part!r}: kinds are {', '.join(QA_KIND_NAMES)}, weights not negative")
+        weights[QA_KIND_NAMES[name]] = w
+    if per < 1 or sum(weights.values()) <= 0:
+        raise ValueError(f"qa_per_picture must be at least 1 and some qa_kinds weight positive, got {per}, {kinds!r}")
+    p = np.array([weights[k] for k in world.QUESTION_KINDS])
+    return per, p / p.sum(), balance
+
+
+def qa_lines(scene, rng, qa):
+    """The question/answer pairs of one qa document. qa None: QA_PER_PICTURE uniform draws (the default).
+    Else (per, kind probabilities, balance): `per` questions of kinds drawn by weight; with balance a yes/no
+    kind comes as a pair about this picture, one answered yes and one no, in random order (when one question is
+    left, a single one, yes or no at even odds)."""
+    if qa is None:
+        return [world.question_answer(scene, rng) for _ in range(QA_PER_PICTURE)]
+    per, probs, balance = qa
+    out = []
+    while len(out) < per:
+        kind = world.QUESTION_KINDS[rng.choice(len(probs), p=probs)]
+        if balance and kind in ('is there', 'anything at'):
+            answers = ['yes', 'no'][::1 if rng.random() < 0.5 else -1][:per - len(out)]
+            out += [world.yes_no_question(scene, rng, kind, a) for a in answers]
+        else:
+            out.append(world.question_answer(scene, rng, kind))
+    return out
+
+
+def world_document(kind, rng, pool, p_uncond=0.0, qa=None):
     """One document of the embedded world. kind: text | caption2image | image2caption | qa.
     pool: (scenes, latents) of a split (WorldData.pool); the picture is one of its pictures, the text is
     drawn fresh, so one picture appears under many captions and questions. (An image_folder's pool holds
-    captions instead of scenes: a picture keeps its own caption.)"""
+    captions instead of scenes: a picture keeps its own caption.) qa: qa_options' questions (None: default)."""
     if kind == 'text':
         return [world.text_document(rng)]
     scenes, latents = pool
@@ -96,7 +142,7 @@ def world_document(kind, rng, pool, p_uncond=0.0):
     if kind == 'image2caption':
         return [Visual(None, False, z), caption()]
     if kind == 'qa':  # several questions per picture, one per line (multi-turn VQA): see QA_PER_PICTURE
-        lines = (f"q: {q} a: {a}" for q, a in (world.question_answer(scene, rng) for _ in range(QA_PER_PICTURE)))
+        lines = (f"q: {q} a: {a}" for q, a in qa_lines(scene, rng, qa))
         return [Visual(None, False, z), '\n'.join(lines)]
     raise ValueError(f"unknown document kind {kind!r}")
 
@@ -171,7 +217,7 @@ def parse_mixture(spec):
     return kinds, [w / total for w in weights]
 
 
-def document_lengths(kinds, tok, n_latent, video_frames, n=300):
+def document_lengths(kinds, tok, n_latent, video_frames, n=300, qa=None):
     """{kind: lengths in tokens of n documents of that kind drawn from a fixed seed}, without rendering or
     encoding a picture. (World documents come from a few templates, so n draws find the longest there is;
     clips, drawn n // 4 times, have a fixed layout.)"""
@@ -183,15 +229,15 @@ def document_lengths(kinds, tok, n_latent, video_frames, n=300):
         if kind in ('video', 'action'):
             docs = (video_document(kind, rng, 'train', video_frames) for _ in range(n // 4))
         else:
-            docs = (world_document(kind, rng, pool) for _ in range(n))
+            docs = (world_document(kind, rng, pool, qa=qa) for _ in range(n))
         lengths[kind] = [doc_length(d, tok, n_latent) for d in docs]
     return lengths
 
 
-def longest_documents(kinds, tok, n_latent, video_frames):
+def longest_documents(kinds, tok, n_latent, video_frames, qa=None):
     """{kind: the longest document of that kind in tokens}: what block_size must hold, checked before any
     long work."""
-    return {k: max(v) for k, v in document_lengths(kinds, tok, n_latent, video_frames).items()}
+    return {k: max(v) for k, v in document_lengths(kinds, tok, n_latent, video_frames, qa=qa).items()}
 
 
 def token_shares(mixture, tok, n_latent, video_frames):
@@ -521,7 +567,8 @@ class WorldData:
     caption->image and image->caption documents, a folder of clips the world's in video and action ones."""
 
     def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, p_uncond=0.1, text=None,
-                 n_images=16384, cache_dir='cache', video_frames=5, images=None, videos=None, shards=None):
+                 n_images=16384, cache_dir='cache', video_frames=5, images=None, videos=None, shards=None,
+                 qa=None):
         self.tok, self.encoder, self.T, self.B = tok, encoder, block_size, batch_size
         self.kinds, self.probs = parse_mixture(mixture)
         self.seed, self.p_uncond = seed, p_uncond
@@ -531,6 +578,7 @@ class WorldData:
         self.video_frames = video_frames
         self.images, self.videos = images, videos
         self.shards = shards  # shard_data.ShardData: streams of image-text, video and text shards, or None
+        self.qa = qa   # qa_options: questions per picture, kinds' weights, balance (None: the default)
 
     def pool(self, split):
         """(scenes, latents) of a split: what world documents draw their pictures from."""
@@ -570,7 +618,7 @@ class WorldData:
                 yield video_document(kind, rng, split, self.video_frames, self.encoder.res)
             else:
                 pool = self.pool(split) if kind != 'text' else None
-                yield world_document(kind, rng, pool, p_uncond)
+                yield world_document(kind, rng, pool, p_uncond, self.qa)
 
     def get(self, split, step, index=0, mixture=None):
         kinds, probs = (self.kinds, self.probs) if mixture is None else parse_mixture(mixture)

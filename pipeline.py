@@ -66,6 +66,10 @@ def check(cfg):
         kinds, _ = data.parse_mixture(cfg['mixture'])
     except ValueError as e:
         fail(f"bad mixture: {e}")
+    try:
+        qa = data.qa_options(cfg)
+    except ValueError as e:
+        fail(e)
     name = cfg['tokenizer']
     if name not in ('world', 'byte') and name not in tiktoken.list_encoding_names():
         fail(f"unknown tokenizer {name!r}: world, byte or a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())})")
@@ -89,7 +93,7 @@ def check(cfg):
                    and k not in sharded
                    and not (cfg['image_folder'] and k in ('caption2image', 'image2caption'))
                    and not (cfg['video_folder'] and k in ('video', 'action'))]
-    for kind, n in data.longest_documents(world_kinds, tok, n_latent, cfg['video_frames']).items():
+    for kind, n in data.longest_documents(world_kinds, tok, n_latent, cfg['video_frames'], qa).items():
         if n > cfg['block_size']:
             hint = ' (or fewer video_frames)' if kind in ('video', 'action') else ''
             fail(f"block_size={cfg['block_size']} cannot hold a {kind} document (up to {n} tokens with "
@@ -132,7 +136,7 @@ def make_dataset(cfg, tok, encoder, text, seed):
     return data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], seed=seed,
                           p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
                           cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'], images=images,
-                          videos=videos, shards=streams)
+                          videos=videos, shards=streams, qa=data.qa_options(cfg))
 
 
 @torch.no_grad()

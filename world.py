@@ -289,6 +289,30 @@ def question_answer(scene, rng, kind=None):
     return f"is there anything at the {PLACES[place]}?", 'yes' if any(p.place == place for p in scene) else 'no'
 
 
+def yes_no_question(scene, rng, kind, answer):
+    """A question of kind 'is there' or 'anything at' about the scene whose answer is `answer` ('yes' or 'no'):
+    yes about an object of the scene (its colour and shape, or its place), no about a training colour x
+    shape pair the scene lacks, or an empty place. Asked in pairs on one picture (data.py's qa_balance), the
+    same picture answers both ways, so no constant answer is right more than half the time."""
+    o = scene[int(rng.integers(len(scene)))]
+    if kind == 'is there':
+        if answer == 'yes':
+            color, shape = o.color, o.shape
+        else:
+            there = {(p.color, p.shape) for p in scene}
+            pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_COMBOS and (c, s) not in there]
+            color, shape = pairs[int(rng.integers(len(pairs)))]
+        return f"is there a {color} {shape}?", answer
+    if kind == 'anything at':
+        if answer == 'yes':
+            place = o.place
+        else:
+            empty = [i for i in range(len(PLACES)) if all(p.place != i for p in scene)]
+            place = empty[int(rng.integers(len(empty)))]
+        return f"is there anything at the {PLACES[place]}?", answer
+    raise ValueError(f"{kind!r} is not a yes/no question kind")
+
+
 def relation(a, b):
     """Where a is seen from b, in words ('to the left of', 'above', ...)."""
     (ra, ca), (rb, cb) = divmod(a.place, 3), divmod(b.place, 3)

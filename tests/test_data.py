@@ -61,3 +61,56 @@ def test_mixture_spec_errors_are_clear():
     for bad in ('text', 'movie=1', 'text=-1', 'text=0'):
         with pytest.raises(ValueError):
             data.parse_mixture(bad)
+
+
+def qa_doc_lines(seed, qa, n_objects=3):
+    scene = world.sample_scene(np.random.default_rng(seed), n_objects)
+    pool = ([scene], np.zeros((1, 16, 8), np.float16))
+    _, text = data.world_document('qa', np.random.default_rng(seed), pool, qa=qa)
+    return scene, [line[3:].split(' a: ') for line in text.split('\n')]
+
+
+def test_qa_options_default_to_none_and_parse_kind_weights():
+    assert data.qa_options({}) is None
+    assert data.qa_options(dict(qa_per_picture=3, qa_kinds='', qa_balance=False)) is None
+    per, p, balance = data.qa_options(dict(qa_per_picture=6, qa_kinds='shape=3,is_there=0', qa_balance=True))
+    assert per == 6 and balance and np.isclose(p.sum(), 1)
+    assert p[world.QUESTION_KINDS.index('shape')] == 3 * p[0] and p[world.QUESTION_KINDS.index('is there')] == 0
+    for bad in ('shape', 'shapes=1', 'shape=-1', 'color=0,shape=0,place=0,count=0,size=0,is_there=0,anything_at=0'):
+        with pytest.raises(ValueError):
+            data.qa_options(dict(qa_kinds=bad))
+
+
+def test_balanced_yes_no_questions_come_in_pairs_about_one_picture_answered_both_ways_and_truly():
+    qa = data.qa_options(dict(qa_per_picture=4, qa_kinds='color=0,shape=0,place=0,count=0,size=0', qa_balance=True))
+    answers = []
+    for seed in range(60):
+        scene, lines = qa_doc_lines(seed, qa, n_objects=1 + seed % 3)
+        assert len(lines) == 4
+        for (q1, a1), (q2, a2) in zip(lines[::2], lines[1::2]):   # two pairs: one kind each, yes and no
+            assert {a1, a2} == {'yes', 'no'} and q1.split(' ')[2] == q2.split(' ')[2]
+        for q, a in lines:   # every answer is true of the picture
+            if q.startswith('is there anything'):
+                place = world.PLACES.index(q[len('is there anything at the '):-1])
+                assert (a == 'yes') == any(o.place == place for o in scene)
+            else:
+                color, shape = q[len('is there a '):-1].split(' ')
+                assert (a == 'yes') == any((o.color, o.shape) == (color, shape) for o in scene)
+                assert (color, shape) not in world.HELDOUT_COMBOS
+        answers += [a for _, a in lines]
+    assert answers.count('yes') == answers.count('no')
+
+
+def test_qa_kind_weights_and_questions_per_picture_shape_the_documents():
+    qa = data.qa_options(dict(qa_per_picture=5, qa_kinds='color=0,place=0,count=0,size=0,is_there=0,anything_at=0'))
+    for seed in range(10):
+        _, lines = qa_doc_lines(seed, qa)
+        assert len(lines) == 5 and all(q.startswith('what shape') for q, _ in lines)
+    # an odd count: the last yes/no question is a single one; kinds of the default weights all occur
+    qa = data.qa_options(dict(qa_per_picture=3, qa_balance=True))
+    kinds = set()
+    for seed in range(100):
+        _, lines = qa_doc_lines(seed, qa)
+        assert len(lines) == 3
+        kinds |= {' '.join(q.split(' ')[:3]) for q, _ in lines}
+    assert len(kinds) == 7

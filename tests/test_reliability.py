@@ -132,6 +132,8 @@ def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
     (['--n_head=3'], 'd_model 256 is not divisible by n_head 3'),
     (['--ctx_noise=1'], 'ctx_noise and rollout_noise are noise levels in [0, 1), got 1.0, 0.0'),
     (['--text_source=/no/such/file.txt'], 'cannot read text source /no/such/file.txt'),
+    (['--qa_kinds=shapes=2'], "qa_kinds entry 'shapes=2': kinds are color, shape"),
+    (['--qa_per_picture=20'], 'block_size=256 cannot hold a qa document'),
 ])
 def test_train_refuses_bad_values_in_seconds(tmp_path, args, words):
     r = run_main('train.py', *args, f'--cache_dir={tmp_path}')
