@@ -59,6 +59,7 @@ KNOBS = dict(
     qa_per_picture=3,        # questions per qa document (one picture, one question a line)
     qa_kinds='',             # question kinds' weights, e.g. 'shape=2,is_there=2' (others 1); '' = uniform
     qa_balance=False,        # yes/no questions in pairs on one picture, one answered yes and one no
+    action_drop=0.0,         # the world's action clips in training: each action text left out with this chance
 )
 QA_KIND_NAMES = {k.replace(' ', '_'): k for k in world.QUESTION_KINDS}   # qa_kinds' names: is_there, anything_at
 TEXT_MAX_BYTES = 256 << 20   # a text_source larger than this is refused (it is read whole)
@@ -166,15 +167,16 @@ def at_res(frames, res):
     return out.reshape(*frames.shape[:-3], res, res, 3)
 
 
-def video_document(kind, rng, split, n_frames, res=world.RES):
+def video_document(kind, rng, split, n_frames, res=world.RES, action_drop=0.0):
     """A clip of n_frames pictures, each its own visual block, block-causal across frames. The last frame is
     always a TARGET; each earlier one is, with probability 1/2, a target too (noised with its own t) or else
     clean context. That is Diffusion Forcing with clean context mixed in: with t drawn per frame (shifted
     toward noise) a noised frame is almost never near-clean, yet a rollout conditions on clean frames.
     (Measured: all frames noised -> rollouts from clean context decode to patchy noise.)
     video: the motion in words, then the frames. action: an egocentric walk over a map (held-out maps in
-    the val split), the action between two frames written as text, numeric or in words. Frames are res x res
-    (at_res)."""
+    the val split), the action between two frames written as text, numeric or in words; with action_drop > 0
+    each action is left out (the frames adjacent) with that probability: the unconditional branch of
+    classifier-free guidance on actions (generate.rollout's action_cfg). Frames are res x res (at_res)."""
     if kind == 'video':
         frames, text = video.sample_video(rng, n_frames)
         say, steps = None, [None] * (n_frames - 1)
@@ -187,8 +189,9 @@ def video_document(kind, rng, split, n_frames, res=world.RES):
     else:
         raise ValueError(f"unknown video document kind {kind!r}")
     target = list(rng.random(n_frames - 1) < 0.5) + [True]
+    drop = rng.random(n_frames - 1) < action_drop if action_drop > 0 and say is not None else [False] * n_frames
     for i, frame in enumerate(at_res(frames, res)):
-        if i and say is not None:
+        if i and say is not None and not drop[i - 1]:
             doc.append(say(*steps[i - 1]))
         doc.append(Visual(frame, bool(target[i])))
     return doc
@@ -568,7 +571,7 @@ class WorldData:
 
     def __init__(self, tok, encoder, block_size, batch_size, mixture, seed=1337, p_uncond=0.1, text=None,
                  n_images=16384, cache_dir='cache', video_frames=5, images=None, videos=None, shards=None,
-                 qa=None):
+                 qa=None, action_drop=0.0):
         self.tok, self.encoder, self.T, self.B = tok, encoder, block_size, batch_size
         self.kinds, self.probs = parse_mixture(mixture)
         self.seed, self.p_uncond = seed, p_uncond
@@ -579,6 +582,7 @@ class WorldData:
         self.images, self.videos = images, videos
         self.shards = shards  # shard_data.ShardData: streams of image-text, video and text shards, or None
         self.qa = qa   # qa_options: questions per picture, kinds' weights, balance (None: the default)
+        self.action_drop = action_drop
 
     def pool(self, split):
         """(scenes, latents) of a split: what world documents draw their pictures from."""
@@ -615,7 +619,8 @@ class WorldData:
                 room = self.T - self.video_frames * (self.n_latent + 2) - 2
                 yield self.videos.document(kind, rng, split, self.video_frames, self.encoder, self.tok, room)
             elif kind in ('video', 'action'):
-                yield video_document(kind, rng, split, self.video_frames, self.encoder.res)
+                yield video_document(kind, rng, split, self.video_frames, self.encoder.res,
+                                     self.action_drop if split == 'train' else 0.0)
             else:
                 pool = self.pool(split) if kind != 'text' else None
                 yield world_document(kind, rng, pool, p_uncond, self.qa)

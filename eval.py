@@ -47,6 +47,7 @@ n_plans = 16              # planning episodes
 plan_steps = 10           # Euler steps per predicted frame while planning (CEM runs many rollouts)
 seed = 0                  # the evaluation's seed (prompts, pictures, questions, walks)
 rollout_noise = -1.0      # rollouts: the noise level generated frames are fed back at (-1: the checkpoint's)
+action_cfg = -1.0         # rollouts and planning: guidance scale on the action (-1: the checkpoint's)
 only = ''                 # '' = every part; else some of generation,understanding,world, or just losses
 device = 'auto'           # auto | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
@@ -57,6 +58,8 @@ def check_knobs(cfg):
               'plan_steps'):
         if cfg[k] < 1:
             fail(f"{k} must be at least 1, got {cfg[k]}")
+    if not (cfg['action_cfg'] == -1 or cfg['action_cfg'] >= 0):
+        fail(f"action_cfg must be -1 (the checkpoint's) or not negative, got {cfg['action_cfg']}")
     if not (cfg['rollout_noise'] == -1 or 0 <= cfg['rollout_noise'] < 1):
         fail(f"rollout_noise must be -1 (the checkpoint's) or in [0, 1), got {cfg['rollout_noise']}")
     if cfg['cfg_scale'] < 0:
@@ -206,6 +209,7 @@ def world_model_error(model, tok, encoder, n, context, horizon, steps, seed, bat
     res['ate_ratio'] = res['ate'] / res['ate_still']
     res['latent_error'] = {k: torch.cat(v).mean(0).tolist() for k, v in lat.items()}
     res['rollout_noise'] = model.cfg.rollout_noise
+    res['action_cfg'] = model.cfg.action_cfg
     return res
 
 
@@ -401,6 +405,8 @@ def main(argv):
     model, tok, encoder, tcfg = load_checkpoint(cfg['ckpt'], resolve_device(cfg['device']))
     if cfg['rollout_noise'] >= 0:
         model.cfg.rollout_noise = cfg['rollout_noise']
+    if cfg['action_cfg'] >= 0:
+        model.cfg.action_cfg = cfg['action_cfg']
     # the scene parser, the questions and the maps are the world's: a model of your pictures or videos gets
     # the held-out losses on them (and the world parts its other data allow)
     own_pictures = tcfg['image_folder'] or tcfg['image_shards']

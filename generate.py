@@ -104,15 +104,15 @@ def next_token(model, h_last, temperature, top_k, generator):
 
 
 @torch.no_grad()
-def sample_image(model, tok, doc, kv, steps, cfg_scale, generator):
+def sample_image(model, tok, doc, kv, steps, cfg_scale, generator, uncond=None):
     """Append <BOI> to `doc` and generate that image's latents [B, N, d]. Classifier-free guidance runs
-    against the unconditional document <BOS><BOI> (the caption dropped, as in training), with a cache of its
-    own when `doc` has one."""
+    against the unconditional document (default <BOS>, the caption dropped, as in training; a rollout's is its
+    window without the last action), <BOI> appended, with a cache of its own when `doc` has one."""
     B = len(doc.tokens)
     cfg = model.cfg
     doc.add_text([tok.boi])
     advance(model, doc, kv)
-    uncond = start_doc(model, tok, [], B)
+    uncond = start_doc(model, tok, [], B) if uncond is None else uncond
     uncond.add_text([tok.boi])
     kvs = (kv, KVCache(cfg.n_layer) if kv is not None else None)
     advance(model, uncond, kvs[1])
@@ -190,16 +190,18 @@ def generate(model, tok, segments, B=1, max_new_tokens=100, steps=25, cfg_scale=
 
 
 @torch.no_grad()
-def rollout(model, tok, frames, actions, steps=25, seed=0, use_cache=True, renoise=None):
+def rollout(model, tok, frames, actions, steps=25, seed=0, use_cache=True, renoise=None, action_cfg=None):
     """Action-conditioned prediction (docs/paper.md §7), for B walks at once. frames: latents of the F context
     frames [B, F, N, d]; actions: F - 1 + H action texts, each a list of B strings (or one string for all)
     whose token counts agree across B (numeric actions always do). Frame k + 1 follows action k. Each of the
     H new frames is predicted from the last F frames and the actions between them, the layout of a training
     clip of F + 1 frames (a sliding window, as NWM conditions on its last 4 frames): <BOS> f a f a ... f a,
-    then Euler steps without guidance (no action was ever dropped in training). Each generated frame is fed back
-    noised to the level u = renoise (None: the model's rollout_noise; 0: clean), with that t, once, the same in
-    every later window: trained with noised context (ctx_noise), the model reads past its own frames' errors
-    (GameNGen). Returns the clean predictions [B, H, N, d]."""
+    then Euler steps. Each generated frame is fed back noised to the level u = renoise (None: the model's
+    rollout_noise; 0: clean), with that t, once, the same in every later window: trained with noised context
+    (ctx_noise), the model reads past its own frames' errors (GameNGen). action_cfg (None: the model's knob)
+    > 1 guides each frame on its action: classifier-free guidance against the same window without its last
+    action (a model trained with action_drop > 0 has seen frames follow each other without one).
+    Returns the clean predictions [B, H, N, d]."""
     model.eval()
     B, F = frames.shape[:2]
     device = next(model.parameters()).device
@@ -212,22 +214,29 @@ def rollout(model, tok, frames, actions, steps=25, seed=0, use_cache=True, renoi
             raise ValueError(f"action texts {texts} tokenize to different lengths; batch equal-length ones")
         ids.append(torch.tensor(enc, device=device))
     renoise = model.cfg.rollout_noise if renoise is None else renoise
+    action_cfg = model.cfg.action_cfg if action_cfg is None else action_cfg
     seq = list(frames.to(device).unbind(1))
     fed = [(z, 1.0) for z in seq]   # what the windows read: the true frames clean, generated ones re-noised
     for h in range(len(actions) - (F - 1)):
-        doc = Doc(tok, B, model.cfg.d_latent, device)
-        doc.add_text([tok.bos])
         first = len(seq) - F      # index of the window's first frame
-        for k in range(F):
-            doc.add_text([tok.boi])
-            doc.add_latents(*fed[first + k])
-            doc.add_text([tok.eoi])
-            doc.add_text(ids[first + k])
+
+        def window(last_action):
+            doc = Doc(tok, B, model.cfg.d_latent, device)
+            doc.add_text([tok.bos])
+            for k in range(F):
+                doc.add_text([tok.boi])
+                doc.add_latents(*fed[first + k])
+                doc.add_text([tok.eoi])
+                if k < F - 1 or last_action:
+                    doc.add_text(ids[first + k])
+            return doc
+        doc = window(True)
         if len(doc) + model.cfg.n_latent + 1 > model.cfg.block_size:
             raise ValueError(f"a rollout window of {F} frames and their actions takes {len(doc)} tokens, too many "
                              f"for this model's context of {model.cfg.block_size} (train with block_size=512)")
         kv = KVCache(model.cfg.n_layer) if use_cache else None
-        seq.append(sample_image(model, tok, doc, kv, steps, 1.0, generator))   # opens the block with <BOI>
+        uncond = window(False) if action_cfg != 1 else None
+        seq.append(sample_image(model, tok, doc, kv, steps, action_cfg, generator, uncond))   # opens <BOI>
         if renoise > 0:
             noise = torch.randn(seq[-1].shape, generator=generator, device=device)
             fed.append((flow.add_noise(seq[-1], noise, torch.tensor(1 - renoise, device=device)), 1 - renoise))

@@ -298,6 +298,7 @@ class ModelConfig:
     qk_norm: bool = True       # RMSNorm (with a gain) on each head's queries and keys before RoPE (speedruns)
     ctx_noise: float = 0.0     # clips: context frames noised in training to u ~ U(0, ctx_noise), fed with t = 1 - u
     rollout_noise: float = 0.0  # rollouts: each generated frame fed back noised to u = rollout_noise (t = 1 - u)
+    action_cfg: float = 1.0    # rollouts: guidance scale on each frame's action (> 1 needs action_drop in training)
     attn: str = 'auto'         # auto (flex to train on CUDA, SDPA elsewhere) | sdpa | flex
 
     def __post_init__(self):
@@ -318,6 +319,7 @@ class ModelConfig:
              f"of moe_experts={self.moe_experts}"),
             (self.moe_d_expert >= 0 and self.shift >= 0 and self.flow_weight >= 0,
              "moe_d_expert, shift and flow_weight must not be negative"),
+            (self.action_cfg >= 0, f"action_cfg must not be negative, got {self.action_cfg}"),
             (0 <= self.ctx_noise < 1 and 0 <= self.rollout_noise < 1,
              f"ctx_noise and rollout_noise are noise levels in [0, 1), got {self.ctx_noise}, {self.rollout_noise}"),
             (self.flow_target in ('v', 'x'), f"flow_target must be 'v' or 'x', got {self.flow_target!r}"),

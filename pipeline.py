@@ -60,8 +60,8 @@ def check(cfg):
             fail(f"{k} must be at least 1, got {cfg[k]}")
     if cfg['video_frames'] < 2:
         fail(f"video_frames must be at least 2 (a clip predicts a frame from the ones before), got {cfg['video_frames']}")
-    if not 0 <= cfg['p_uncond'] < 1:
-        fail(f"p_uncond must be in [0, 1), got {cfg['p_uncond']}")
+    if not 0 <= cfg['p_uncond'] < 1 or not 0 <= cfg['action_drop'] < 1:
+        fail(f"p_uncond and action_drop must be in [0, 1), got {cfg['p_uncond']}, {cfg['action_drop']}")
     try:
         kinds, _ = data.parse_mixture(cfg['mixture'])
     except ValueError as e:
@@ -136,7 +136,8 @@ def make_dataset(cfg, tok, encoder, text, seed):
     return data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], seed=seed,
                           p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
                           cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'], images=images,
-                          videos=videos, shards=streams, qa=data.qa_options(cfg))
+                          videos=videos, shards=streams, qa=data.qa_options(cfg),
+                          action_drop=cfg['action_drop'])
 
 
 @torch.no_grad()

@@ -134,6 +134,8 @@ def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
     (['--text_source=/no/such/file.txt'], 'cannot read text source /no/such/file.txt'),
     (['--qa_kinds=shapes=2'], "qa_kinds entry 'shapes=2': kinds are color, shape"),
     (['--qa_per_picture=20'], 'block_size=256 cannot hold a qa document'),
+    (['--action_drop=1'], 'p_uncond and action_drop must be in [0, 1), got 0.1, 1.0'),
+    (['--action_cfg=-1'], 'action_cfg must not be negative, got -1.0'),
 ])
 def test_train_refuses_bad_values_in_seconds(tmp_path, args, words):
     r = run_main('train.py', *args, f'--cache_dir={tmp_path}')
@@ -175,6 +177,7 @@ def test_a_config_file_with_a_syntax_error_names_its_line(tmp_path):
     ('eval.py', ['--n_batches=0'], 'n_batches must be at least 1'),
     ('eval.py', ['--t_grid=0.5,1.5'], 'must lie in [0, 1)'),
     ('eval.py', ['--rollout_noise=1.5'], 'rollout_noise must be -1'),
+    ('eval.py', ['--action_cfg=-2'], 'action_cfg must be -1'),
 ])
 def test_sample_and_eval_refuse_bad_values(tiny_ckpt, script, args, words):
     assert refused(run_main(script, f'--ckpt={tiny_ckpt}', *args), words)

@@ -416,7 +416,7 @@ def test_rollout_feeds_generated_frames_back_renoised_with_their_t_and_true_fram
             video.format_action(-1, 1)]
     windows = []
 
-    def sample_image(model, tok, doc, kv, steps, cfg_scale, generator):   # records what each window reads
+    def sample_image(model, tok, doc, kv, steps, cfg_scale, generator, uncond=None):   # records each window
         lat = doc.modality[0] == 1
         windows.append((doc.z[:, lat].view(2, -1, N, d), doc.t[0, lat].view(-1, N)))
         return torch.full((2, N, d), 10.0 * len(windows))                    # generated frame h: 10 (h + 1)
@@ -454,3 +454,47 @@ def test_world_model_scores_roll_out_with_the_rollout_noise_asked_for():
     a, b = runs[0.0]['latent_error'], runs[0.3]['latent_error']
     assert a['ar_vs_true'][0] == b['ar_vs_true'][0] and a['ar_vs_true'][1:] != b['ar_vs_true'][1:]
     assert a['tf_vs_true'] == b['tf_vs_true']     # teacher-forced windows hold true frames only
+
+
+def test_action_drop_leaves_out_action_texts_in_training_clips_only():
+    kept = dropped = 0
+    for seed in range(200):
+        base = data.video_document('action', np.random.default_rng(seed), 'train', 5)
+        doc = data.video_document('action', np.random.default_rng(seed), 'train', 5, action_drop=0.3)
+        frames = [s for s in doc if isinstance(s, data.Visual)]
+        assert len(frames) == 5 and all(np.array_equal(a.image, b.image) and a.target == b.target
+                                        for a, b in zip(frames, [s for s in base if isinstance(s, data.Visual)]))
+        texts = [s for s in doc if isinstance(s, str)]
+        assert all(t in base for t in texts)          # the actions kept are the clip's own
+        kept, dropped = kept + len(texts), dropped + 4 - len(texts)
+    assert 0.25 < dropped / (kept + dropped) < 0.35
+    ds = data.WorldData(tokenizer.Tokenizer(), ENC, 256, 2, 'action=1', cache_dir='/nonexistent', action_drop=0.5)
+    val = ds.get('val', 0)
+    for row in range(2):                               # held-out clips keep every action
+        assert all(sum(isinstance(s, str) for s in d) == 4 for d in data.unpack(val, ds.tok, row))
+
+
+def test_rollout_guides_each_frame_against_its_window_without_the_last_action(monkeypatch):
+    model, tok = tiny_model(), tokenizer.Tokenizer()
+    torch.nn.init.normal_(model.lat_out.weight, std=0.5)   # (zero-initialised: every branch would predict 0)
+    frames = torch.randn(2, 2, ENC.n_tokens, ENC.d_latent)
+    acts = [video.format_action(1, -2), video.format_action(0, 3), video.format_action(2, 2)]
+    calls = []
+    real = generate.sample_image
+
+    def spy(model, tok, doc, kv, steps, cfg_scale, generator, uncond=None):
+        calls.append((doc.tokens.clone(), None if uncond is None else uncond.tokens.clone(), cfg_scale))
+        return real(model, tok, doc, kv, steps, cfg_scale, generator, uncond)
+    monkeypatch.setattr(generate, 'sample_image', spy)
+    plain = generate.rollout(model, tok, frames, acts[:2], steps=2)   # one frame: enough to compare
+    assert len(calls) == 1 and calls[0][1] is None and calls[0][2] == 1.0
+    calls.clear()
+    guided = generate.rollout(model, tok, frames, acts, steps=2, action_cfg=3.0)
+    assert len(calls) == 2
+    for (doc, uncond, s), last in zip(calls, acts[1:]):
+        n = len(tok.encode(last))
+        assert s == 3.0 and torch.equal(uncond, doc[:, :-n])          # the same window, its last action left out
+        assert tok.decode(doc[0, -n:].tolist()) == last
+    assert not torch.allclose(plain, guided[:, :1])
+    model.cfg.action_cfg = 3.0                                       # the model's knob is the default
+    torch.testing.assert_close(generate.rollout(model, tok, frames, acts[:2], steps=2), guided[:, :1])
