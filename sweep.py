@@ -126,7 +126,10 @@ def execute(cmd, log_path, poll, cwd=HERE):
         try:
             while p.poll() is None:
                 poll()
-                time.sleep(1.0)
+                try:
+                    p.wait(timeout=1.0)   # returns as soon as the run ends, not on the next whole second
+                except subprocess.TimeoutExpired:
+                    pass
         except BaseException:
             p.terminate()  # Ctrl-C or a crash here: train.py saves on SIGTERM and exits; the rerun resumes
             p.wait()
