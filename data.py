@@ -79,7 +79,7 @@ class Visual:
 # Questions per qa document (multi-turn VQA). Only the answers depend on the picture, one or two tokens of
 # each ~13-token line, so three questions share one picture's latent tokens (more per picture did not raise
 # understanding: docs/results.md).
-QA_PER_PICTURE = 3
+QA_PER_PICTURE = KNOBS['qa_per_picture']   # the knob's default, named once
 
 
 def qa_options(cfg):
