@@ -225,13 +225,20 @@ def row_offset(p):
 
 def fill_rows(local, start, std, seed):
     """local[i] = row start + i of a normal(0, std) parameter whose rows come in blocks of R, block k drawn
-    (on the CPU) from a generator seeded seed_of(seed, k)."""
+    (on the CPU) from a generator seeded seed_of(seed, k).
+
+    Only the head of a block that the rows need is drawn: torch's CPU normal fills 16 values at a time from
+    16 uniforms in order, so the first 16·j values of a draw are the same whatever its length (its last 16
+    are redrawn when the length is not a multiple of 16, hence the margin). A small parameter then costs its
+    own size, not a 4M-value block (a test compares this with drawing whole blocks)."""
     row = local[0].numel() if len(local) else 1
     R = max(1, (1 << 22) // row)
     for k in range(start // R, -(-(start + len(local)) // R)):
-        block = torch.randn(R, *local.shape[1:], generator=torch.Generator().manual_seed(seed_of(seed, k))) * std
         lo, hi = max(k * R, start), min((k + 1) * R, start + len(local))
-        local[lo - start:hi - start] = block[lo - k * R:hi - k * R].to(local.device, local.dtype)
+        n, need = R * row, -(-(hi - k * R) * row // 16) * 16
+        gen = torch.Generator().manual_seed(seed_of(seed, k))
+        block = torch.randn(n if need > n - 32 else need, generator=gen)[:(hi - k * R) * row] * std
+        local[lo - start:hi - start] = block.view(-1, *local.shape[1:])[lo - k * R:].to(local.device, local.dtype)
 
 
 def timestep_embedding(t, dim):

@@ -18,6 +18,7 @@ import torch._inductor.config
 
 import bench
 import data
+import documents
 import eval as evaluation
 import flow
 import generate
@@ -216,6 +217,20 @@ def test_paper_parameter_counts_dense_1_5b_and_modality_split_2_3b():
     assert abs(split['active'] / 1.50e9 - 1) < 0.02
 
 
+@pytest.mark.parametrize('shape,start', [((7,), 0), ((40, 24), 0), ((40, 24), 13), ((1023, 4099), 0),
+                                         ((3, 1 << 20), 0), ((5, 1 << 20), 2), ((2, 3, 5), 1)])
+def test_init_rows_equal_rows_of_whole_blocks(shape, start):
+    """fill_rows draws only the head of a block that the rows need; the values are those of drawing every
+    block whole (the rule an FSDP shard relies on to fill the same rows as one process)."""
+    local = torch.empty(shape)
+    model.fill_rows(local, start, 0.02, 11)
+    row = local[0].numel()
+    R = max(1, (1 << 22) // row)
+    want = torch.cat([torch.randn(R, *shape[1:], generator=torch.Generator().manual_seed(model.seed_of(11, k)))
+                      for k in range(start // R, (start + shape[0] - 1) // R + 1)]) * 0.02
+    assert torch.equal(local, want[start % R:start % R + shape[0]])
+
+
 def test_bad_model_config_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match='ffn'):
         tiny_config(ffn='moe2')
@@ -366,7 +381,7 @@ def test_cached_and_uncached_sampling_give_the_same_tokens_and_latents():
     tok = tokenizer.Tokenizer()
     m = Transfusion(tiny_config(block_size=128)).eval()
     torch.nn.init.normal_(m.lat_out.weight, std=0.5)  # a non-trivial velocity field
-    prompt = ['a red', data.Visual(None, False, torch.randn(4, 6)), 'circle']
+    prompt = ['a red', documents.Visual(None, False, torch.randn(4, 6)), 'circle']
     ids_c, _ = generate.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=True)
     ids_u, _ = generate.generate(m, tok, prompt, B=2, max_new_tokens=12, temperature=1.0, seed=3, use_cache=False)
     assert ids_c.shape[1] > 3 and torch.equal(ids_c, ids_u)
