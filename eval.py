@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import documents
 import video
 import world
 from configurator import configure, fail, finite_or_null, knobs, resolve_device
@@ -136,7 +137,7 @@ def understanding_accuracy(model, tok, encoder, n_per_cell, seed):
         scene = world.sample_scene(rng, n_obj)
         z = encoder.encode(data.image_tensor([world.render(scene, encoder.res, rng=rng)]).to(device))[0]
         q, a = world.question_answer(scene, rng, kind)
-        ids, _ = generate(model, tok, [data.Visual(None, False, z), f"q: {q} a:"], max_new_tokens=max_new)
+        ids, _ = generate(model, tok, [documents.Visual(None, False, z), f"q: {q} a:"], max_new_tokens=max_new)
         # the answer is the rest of the line (training documents ask one question per line)
         said = tok.decode([i for i in ids[0].tolist() if 0 <= i < tok.pad]).split('\n')[0].strip()
         rows.append((kind, n_obj, said == a, answer_chance(a), a))
@@ -162,9 +163,9 @@ def heldout_walks(n, n_frames, seed):
 
 def encode_frames(encoder, frames, device):
     """uint8 [B, F, H, W, 3] world frames (32²) -> latents [B, F, N, d] on device, resized to the encoder's
-    picture size as training clips are (data.at_res)."""
+    picture size as training clips are (documents.at_res)."""
     B, F = frames.shape[:2]
-    frames = data.at_res(frames.reshape(B * F, *frames.shape[2:]), encoder.res)
+    frames = documents.at_res(frames.reshape(B * F, *frames.shape[2:]), encoder.res)
     z = encoder.encode(data.image_tensor(frames).to(device))
     return z.view(B, F, *z.shape[1:])
 
@@ -247,7 +248,7 @@ def motion_errors(encoder, last, future, true):
     between consecutive pictures and compare with the true shifts (B arrays [H, 2]): per-step (RPE) and
     accumulated (ATE) errors in pixels, as lists over B x H."""
     seq = torch.cat([last, future], 1)
-    pics = data.at_res(to_uint8(encoder.decode(seq.flatten(0, 1))), world.RES)   # shifts are in world pixels
+    pics = documents.at_res(to_uint8(encoder.decode(seq.flatten(0, 1))), world.RES)   # shifts are in world pixels
     pics = pics.reshape(*seq.shape[:2], world.RES, world.RES, 3)
     err = {'rpe': [], 'ate': []}
     for p, t in zip(pics, true):
@@ -325,7 +326,7 @@ def scores(cfg, model, tok, encoder, tcfg, ts, parts=PARTS):
     dataset = make_dataset(tcfg, tok, encoder, None, tcfg['seed'])
     losses = held_out_losses(model, dataset, cfg['n_batches'], t_grid=ts)
     # a model that never read a text document has no text perplexity worth a number (null, not a huge one)
-    saw_text = 'text' in data.parse_mixture(tcfg['mixture'])[0]
+    saw_text = 'text' in documents.parse_mixture(tcfg['mixture'])[0]
     res = {'checkpoint': cfg['ckpt'], 'text_ppl': losses['val_text_ppl'] if saw_text else None,
            'caption_ppl': float(np.exp(losses['val_caption_loss'])),
            'text_loss_per_byte': losses['val_text_loss'] / text_bytes_per_token(dataset, tok, cfg['n_batches'])
@@ -344,7 +345,7 @@ def scores(cfg, model, tok, encoder, tcfg, ts, parts=PARTS):
     if 'understanding' in parts:
         res['understanding'] = understanding_accuracy(model, tok, encoder, cfg['n_per_cell'], cfg['seed'])
         res['chance']['understanding'] = res['understanding']['chance']
-    if 'world' in parts and ('action' in data.parse_mixture(tcfg['mixture'])[0] or cfg['only']):
+    if 'world' in parts and ('action' in documents.parse_mixture(tcfg['mixture'])[0] or cfg['only']):
         res['world_model'] = world_model_error(model, tok, encoder, cfg['n_rollouts'], cfg['context'],
                                                cfg['horizon'], cfg['steps'], cfg['seed'])
         res['planning'] = planning(model, tok, encoder, cfg['n_plans'], cfg['context'], cfg['plan_steps'],

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import documents
 import video
 from configurator import fail, remove_orphans
 
@@ -268,7 +269,7 @@ class VideoFolder:
 
     def document(self, kind, rng, split, n_frames, encoder, tok, longest):
         """A clip of n_frames consecutive sampled frames from a random video, each its own visual block (the
-        targets as data.video_document draws them); 'video': after the video's caption if it has one;
+        targets as documents.video_document draws them); 'video': after the video's caption if it has one;
         'action': with the video's action line between consecutive frames."""
         _, kept = self.clips(split, n_frames)
         z = self.latents(split, n_frames, encoder)
@@ -285,5 +286,5 @@ class VideoFolder:
             if i and kind == 'action':
                 doc.append(self.actions[name][start + i - 1])
             lat = np.array(z[first + start + i])   # float16, as batches carry it
-            doc.append(data.Visual(None, bool(target[i]), torch.from_numpy(lat)))
+            doc.append(documents.Visual(None, bool(target[i]), torch.from_numpy(lat)))
         return doc

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import documents
 import folders
 import model
 import rae
@@ -63,11 +64,11 @@ def check(cfg):
     if not 0 <= cfg['p_uncond'] < 1 or not 0 <= cfg['action_drop'] < 1:
         fail(f"p_uncond and action_drop must be in [0, 1), got {cfg['p_uncond']}, {cfg['action_drop']}")
     try:
-        kinds, _ = data.parse_mixture(cfg['mixture'])
+        kinds, _ = documents.parse_mixture(cfg['mixture'])
     except ValueError as e:
         fail(f"bad mixture: {e}")
     try:
-        qa = data.qa_options(cfg)
+        qa = documents.qa_options(cfg)
     except ValueError as e:
         fail(e)
     name = cfg['tokenizer']
@@ -93,7 +94,7 @@ def check(cfg):
                    and k not in sharded
                    and not (cfg['image_folder'] and k in ('caption2image', 'image2caption'))
                    and not (cfg['video_folder'] and k in ('video', 'action'))]
-    for kind, n in data.longest_documents(world_kinds, tok, n_latent, cfg['video_frames'], qa).items():
+    for kind, n in documents.longest_documents(world_kinds, tok, n_latent, cfg['video_frames'], qa).items():
         if n > cfg['block_size']:
             hint = ' (or fewer video_frames)' if kind in ('video', 'action') else ''
             fail(f"block_size={cfg['block_size']} cannot hold a {kind} document (up to {n} tokens with "
@@ -136,7 +137,7 @@ def make_dataset(cfg, tok, encoder, text, seed):
     return data.WorldData(tok, encoder, cfg['block_size'], cfg['batch_size'], cfg['mixture'], seed=seed,
                           p_uncond=cfg['p_uncond'], text=text, n_images=cfg['n_images'],
                           cache_dir=cfg['cache_dir'], video_frames=cfg['video_frames'], images=images,
-                          videos=videos, shards=streams, qa=data.qa_options(cfg),
+                          videos=videos, shards=streams, qa=documents.qa_options(cfg),
                           action_drop=cfg['action_drop'])
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 import data
+import documents
 import folders
 import pretrained
 import rae_score
@@ -251,7 +252,7 @@ def build_encoder(cfg, fit=True):
         if fit:  # per-channel statistics: 2M pixels are plenty (2,048 pictures at 32², 41 at 224²)
             own = own_pictures()
             n = max(32, (2048 * 32 * 32) // (res * res))
-            enc.fit(data.image_tensor(own[:n] if own is not None else data.world_images('train', n, res)))
+            enc.fit(data.image_tensor(own[:n] if own is not None else documents.world_images('train', n, res)))
         return enc
     if not fit:
         return rae
@@ -266,7 +267,7 @@ def build_encoder(cfg, fit=True):
     remove_orphans(folder, re.escape(name))
     print(f"building the {c['encoder']} RAE (saved to {path} and reused afterwards)")
     own = own_pictures()
-    images = own[:c['rae_images']] if own is not None else data.world_images('rae', c['rae_images'], res)
+    images = own[:c['rae_images']] if own is not None else documents.world_images('rae', c['rae_images'], res)
     stage = lambda stage_name: folder / f"{name}.{stage_name}.pt"
     with torch.random.fork_rng():
         torch.manual_seed(1337)      # the same settings build the same RAE, whoever asks (the default seed)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import documents
 import folders
 import world
 
@@ -96,7 +97,7 @@ def score(enc, n_val=1024, n_probe=4096):
     """Reconstruction of held-out pictures (PSNR, fraction parsing to the true scene), a linear probe of the
     mean latent on the largest object's shape, one of each object's shape from the tokens over its cell
     (probe_shape_at_place), and encode/decode throughput (pictures/s)."""
-    images, scenes = data.world_images('val', n_val, enc.res), data.world_scenes('val', n_val)
+    images, scenes = documents.world_images('val', n_val, enc.res), documents.world_scenes('val', n_val)
     recon, t_enc, t_dec = [], 0.0, 0.0
     for i in tqdm(range(0, n_val, 128), desc=f'scoring {enc.name}'):
         x = data.image_tensor(images[i:i + 128])
@@ -108,7 +109,7 @@ def score(enc, n_val=1024, n_probe=4096):
     recon = torch.cat(recon)
     truth = data.image_tensor(images)
     parsed = sum(world.parse(r) == tuple(sorted(s)) for r, s in zip(data.to_uint8(recon), scenes)) / n_val
-    train_images, train_scenes = data.world_images('train', n_probe, enc.res), data.world_scenes('train', n_probe)
+    train_images, train_scenes = documents.world_images('train', n_probe, enc.res), documents.world_scenes('train', n_probe)
     label = lambda ss: torch.tensor([largest_shape(s) for s in ss])
     with torch.enable_grad():
         probe = linear_probe(mean_latents(enc, train_images), label(train_scenes), mean_latents(enc, images),

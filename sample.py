@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import data
+import documents
 import folders
 import video
 import world
@@ -98,12 +99,12 @@ def write_rollout(model, tok, encoder, actions, path, steps, seed, context=4):
         except ValueError:
             fail(f"the actions {actions!r} walk off the map (to x={x}, y={y})")
     device = next(model.parameters()).device
-    z = encoder.encode(data.image_tensor(data.at_res(frames[:context], encoder.res)).to(device))[None]
+    z = encoder.encode(data.image_tensor(documents.at_res(frames[:context], encoder.res)).to(device))[None]
     try:
         pred = rollout(model, tok, z, [video.format_action(*a) for a in walk[:context - 1]] + texts, steps, seed)[0]
     except ValueError as e:
         fail(e)
-    top = np.concatenate([frames[:context], data.at_res(to_uint8(encoder.decode(pred)), world.RES)])
+    top = np.concatenate([frames[:context], documents.at_res(to_uint8(encoder.decode(pred)), world.RES)])
     video.write_gif(path, np.concatenate([top, np.stack(truth)], axis=1), fps=2, scale=4)
 
 
@@ -160,7 +161,7 @@ def main(argv):
         # after the picture, the prompt (a question, as qa documents write it) or nothing (a caption, or the
         # model's own question: it writes whichever of its training documents it finds likelier)
         asked = cfg['prompt'] if cfg['mode'] == 'i2t' else ''
-        ids, _ = generate(model, tok, [data.Visual(None, False, z)] + ([asked] if asked else []), **gen)
+        ids, _ = generate(model, tok, [documents.Visual(None, False, z)] + ([asked] if asked else []), **gen)
         print(f"[i2t] {asked!r} -> {text_of(ids[0])!r}" + (f"  (truth: {truth})" if truth else ''))
     if cfg['mode'] in ('all', 'interleaved'):
         prompt = cfg['prompt'] or (own[1][0] if own else world.caption(world.sample_scene(rng, 1), rng))
@@ -170,7 +171,7 @@ def main(argv):
             path = os.path.join(out, 'interleaved.png')
             save_grid(path, to_uint8(encoder.decode(torch.cat(images))))
             print(f"[interleaved] wrote {path}")
-    world_actions = 'action' in data.parse_mixture(tcfg['mixture'])[0] and not tcfg['video_folder']
+    world_actions = 'action' in documents.parse_mixture(tcfg['mixture'])[0] and not tcfg['video_folder']
     if cfg['mode'] == 'rollout' or (cfg['mode'] == 'all' and world_actions):
         path = os.path.join(out, 'rollout.gif')
         write_rollout(model, tok, encoder, cfg['actions'], path, cfg['steps'], cfg['seed'])

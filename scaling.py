@@ -39,7 +39,6 @@ import sys
 import numpy as np
 import torch
 
-import data
 import pipeline
 import rae
 import train

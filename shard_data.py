@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import documents
 import folders
 import shards
 import video
@@ -349,7 +350,7 @@ class ShardData:
             ref, item = r.next()
             made, doc = self.made.pop((r, tuple(ref)), (None, None))
             if made != kind:
-                rng = np.random.default_rng([self.seed, data.KINDS.index(kind), *ref])
+                rng = np.random.default_rng([self.seed, documents.KINDS.index(kind), *ref])
                 try:
                     doc = self.make_document(kind, item, rng, p_uncond)
                 except Exception as e:  # PIL, imageio and json raise many types for a member that does not decode
@@ -390,9 +391,9 @@ class ShardData:
             caption = cut(caption, self.tok, T - n_latent - 4)
             picture = decode_picture(item[ext], self.res)
             if kind == 'image2caption':
-                return [data.Visual(picture, False), caption]
+                return [documents.Visual(picture, False), caption]
             text = '' if rng.random() < p_uncond else caption
-            return [text, data.Visual(picture, True)] if text else [data.Visual(picture, True)]
+            return [text, documents.Visual(picture, True)] if text else [documents.Visual(picture, True)]
         ext, n = first_of(item, CLIP_EXT), self.frames
         if ext is None:
             raise Unusable("no video member (.mp4, .gif, .webm, ...)")
@@ -411,5 +412,5 @@ class ShardData:
         for i in range(n):
             if i and kind == 'action':
                 doc.append(cut(lines[start + i - 1], self.tok, room // (n - 1)))
-            doc.append(data.Visual(frames[start + i], bool(target[i])))
+            doc.append(documents.Visual(frames[start + i], bool(target[i])))
         return doc

@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-import data
+import documents
 import pipeline
 import rae
 import tokenizer
@@ -88,8 +88,8 @@ def arm(name, label, steps, only=None, **args):
 def equal_tokens(kind, steps, mixture, ref_mixture, tok):
     """The steps that give `mixture` as many tokens of `kind` as `steps` steps of `ref_mixture`."""
     n_latent = rae.n_tokens(rae.KNOBS)
-    share = data.token_shares(mixture, tok, n_latent, 5)[kind]
-    return round(steps * data.token_shares(ref_mixture, tok, n_latent, 5)[kind] / share)
+    share = documents.token_shares(mixture, tok, n_latent, 5)[kind]
+    return round(steps * documents.token_shares(ref_mixture, tok, n_latent, 5)[kind] / share)
 
 
 def encoders(cfg, tok):

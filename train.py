@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import documents
 import memory
 import parallel
 import pipeline
@@ -93,7 +94,7 @@ def check_loop_knobs(cfg):
         if cfg[k] < 1:
             fail(f"{k} must be at least 1, got {cfg[k]}")
     if cfg['data_workers'] < -1 or cfg['gpus'] < 1 or cfg['gpu_gb'] <= 0:
-        fail(f"data_workers must be -1 (auto) or more, gpus and gpu_gb positive")
+        fail("data_workers must be -1 (auto) or more, gpus and gpu_gb positive")
     if cfg['learning_rate'] <= 0 or cfg['min_lr'] < 0 or cfg['warmup_iters'] < 0 or cfg['lr_decay_iters'] < 0:
         fail("learning_rate must be positive; min_lr, warmup_iters and lr_decay_iters not negative")
     if cfg['grad_clip'] < 0 or cfg['weight_decay'] < 0 or not (0 <= cfg['beta1'] < 1 and 0 <= cfg['beta2'] < 1):
@@ -119,7 +120,7 @@ def count_only(cfg, tok):
     print(f"{mcfg.ffn} model, d_model {mcfg.d_model} x {mcfg.n_layer} layers: {counts['total'] / 1e9:.3f}B "
           f"parameters, {counts['active'] / 1e9:.3f}B active per token; {counts['paper_active'] / 1e9:.3f}B "
           f"paper-active (without routers and latent adapters, as docs/paper.md §1 counts)")
-    share = data.text_share(cfg['mixture'], tok, mcfg.n_latent, cfg['video_frames'])
+    share = documents.text_share(cfg['mixture'], tok, mcfg.n_latent, cfg['video_frames'])
     plan = lambda n: memory.plan(net, {**cfg, 'fsdp': cfg['fsdp'] or n > 1}, n, share)
     print(f"memory (fsdp={cfg['fsdp']}, {cfg['batch_size']} x {cfg['block_size']} tokens a GPU, text {share:.0%} "
           f"of them): " + memory.report(plan(cfg['gpus']), cfg['gpus'], cfg['gpu_gb']))
@@ -133,7 +134,7 @@ def check_fits(net, cfg, tok, run):
     """On CUDA, before any long work: refuse a launch whose memory estimate exceeds the GPU, naming it."""
     if run.device.type != 'cuda':
         return
-    share = data.text_share(cfg['mixture'], tok, net.cfg.n_latent, cfg['video_frames'])
+    share = documents.text_share(cfg['mixture'], tok, net.cfg.n_latent, cfg['video_frames'])
     need = memory.plan(net, {**cfg, 'fsdp': run.sharded, 'dtype': run.dtype}, run.world, share)
     have = torch.cuda.get_device_properties(run.device).total_memory
     if need['total'] > have:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import documents
 import tokenizer
 from model import ModelConfig
 from moe import MoE
@@ -35,7 +36,7 @@ def random_docs(rng, n_latent, d_latent, n_docs):
                 segs.append(''.join(rng.choice(list('abc xyz.')) for _ in range(rng.integers(1, 12))))
             else:
                 # latents travel as float16: draw values it holds exactly
-                segs.append(data.Visual(None, bool(rng.random() < 0.5), torch.randn(n_latent, d_latent).half().float()))
+                segs.append(documents.Visual(None, bool(rng.random() < 0.5), torch.randn(n_latent, d_latent).half().float()))
         docs.append(segs)
     return docs
 
@@ -48,7 +49,7 @@ def random_batch(seed=0, B=3, T=64, n_latent=4, d_latent=6):
     for _ in range(B):
         row, used = [], 0
         for d in random_docs(rng, n_latent, d_latent, 8):
-            n = data.doc_length(d, tok, n_latent)
+            n = documents.doc_length(d, tok, n_latent)
             if used + n <= T:
                 row.append(d)
                 used += n

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import data
+import documents
 import tokenizer
 import world
 
@@ -48,41 +48,41 @@ def test_tiktoken_tokenizer_wraps_a_bpe_encoding_without_downloading():
 def test_qa_documents_ask_several_questions_about_their_picture_one_per_line():
     scene = world.sample_scene(np.random.default_rng(3), 3)
     pool = ([scene], np.zeros((1, 64, 48), np.float16))
-    picture, text = data.world_document('qa', np.random.default_rng(4), pool)
-    assert isinstance(picture, data.Visual) and not picture.target  # clean context: read, not generated
+    picture, text = documents.world_document('qa', np.random.default_rng(4), pool)
+    assert isinstance(picture, documents.Visual) and not picture.target  # clean context: read, not generated
     replay = np.random.default_rng(4)
     replay.integers(1)  # the draw of the picture from the pool
-    expected = [world.question_answer(scene, replay) for _ in range(data.QA_PER_PICTURE)]
-    assert text.split('\n') == [f"q: {q} a: {a}" for q, a in expected] and data.QA_PER_PICTURE > 1
+    expected = [world.question_answer(scene, replay) for _ in range(documents.QA_PER_PICTURE)]
+    assert text.split('\n') == [f"q: {q} a: {a}" for q, a in expected] and documents.QA_PER_PICTURE > 1
 
 
 def test_mixture_spec_errors_are_clear():
-    assert data.parse_mixture('text=1,qa=3') == (['text', 'qa'], [0.25, 0.75])
+    assert documents.parse_mixture('text=1,qa=3') == (['text', 'qa'], [0.25, 0.75])
     for bad in ('text', 'movie=1', 'text=-1', 'text=0'):
         with pytest.raises(ValueError):
-            data.parse_mixture(bad)
+            documents.parse_mixture(bad)
 
 
 def qa_doc_lines(seed, qa, n_objects=3):
     scene = world.sample_scene(np.random.default_rng(seed), n_objects)
     pool = ([scene], np.zeros((1, 16, 8), np.float16))
-    _, text = data.world_document('qa', np.random.default_rng(seed), pool, qa=qa)
+    _, text = documents.world_document('qa', np.random.default_rng(seed), pool, qa=qa)
     return scene, [line[3:].split(' a: ') for line in text.split('\n')]
 
 
 def test_qa_options_default_to_none_and_parse_kind_weights():
-    assert data.qa_options({}) is None
-    assert data.qa_options(dict(qa_per_picture=3, qa_kinds='', qa_balance=False)) is None
-    per, p, balance = data.qa_options(dict(qa_per_picture=6, qa_kinds='shape=3,is_there=0', qa_balance=True))
+    assert documents.qa_options({}) is None
+    assert documents.qa_options(dict(qa_per_picture=3, qa_kinds='', qa_balance=False)) is None
+    per, p, balance = documents.qa_options(dict(qa_per_picture=6, qa_kinds='shape=3,is_there=0', qa_balance=True))
     assert per == 6 and balance and np.isclose(p.sum(), 1)
     assert p[world.QUESTION_KINDS.index('shape')] == 3 * p[0] and p[world.QUESTION_KINDS.index('is there')] == 0
     for bad in ('shape', 'shapes=1', 'shape=-1', 'color=0,shape=0,place=0,count=0,size=0,is_there=0,anything_at=0'):
         with pytest.raises(ValueError):
-            data.qa_options(dict(qa_kinds=bad))
+            documents.qa_options(dict(qa_kinds=bad))
 
 
 def test_balanced_yes_no_questions_come_in_pairs_about_one_picture_answered_both_ways_and_truly():
-    qa = data.qa_options(dict(qa_per_picture=4, qa_kinds='color=0,shape=0,place=0,count=0,size=0', qa_balance=True))
+    qa = documents.qa_options(dict(qa_per_picture=4, qa_kinds='color=0,shape=0,place=0,count=0,size=0', qa_balance=True))
     answers = []
     for seed in range(60):
         scene, lines = qa_doc_lines(seed, qa, n_objects=1 + seed % 3)
@@ -102,12 +102,12 @@ def test_balanced_yes_no_questions_come_in_pairs_about_one_picture_answered_both
 
 
 def test_qa_kind_weights_and_questions_per_picture_shape_the_documents():
-    qa = data.qa_options(dict(qa_per_picture=5, qa_kinds='color=0,place=0,count=0,size=0,is_there=0,anything_at=0'))
+    qa = documents.qa_options(dict(qa_per_picture=5, qa_kinds='color=0,place=0,count=0,size=0,is_there=0,anything_at=0'))
     for seed in range(10):
         _, lines = qa_doc_lines(seed, qa)
         assert len(lines) == 5 and all(q.startswith('what shape') for q, _ in lines)
     # an odd count: the last yes/no question is a single one; kinds of the default weights all occur
-    qa = data.qa_options(dict(qa_per_picture=3, qa_balance=True))
+    qa = documents.qa_options(dict(qa_per_picture=3, qa_balance=True))
     kinds = set()
     for seed in range(100):
         _, lines = qa_doc_lines(seed, qa)

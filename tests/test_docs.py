@@ -2,7 +2,6 @@
 README and docs/ resolves to a file of the repository, no tracked file names an issue a clone cannot see or a
 path outside the repository, and the committed study tables are what study.py writes from their JSON."""
 
-import os
 import re
 import shutil
 import subprocess

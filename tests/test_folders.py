@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import documents
 import folders
 import rae
 import tokenizer
@@ -146,7 +146,7 @@ def test_a_folder_of_clips_gives_action_documents_with_its_action_lines(tmp_path
     enc = rae.build_encoder({'encoder': 'pixel'})
     vf = folders.VideoFolder(str(folder), 32, str(tmp_path / 'cache'), fps=0.0)
     doc = vf.document('action', np.random.default_rng(0), 'train', 4, enc, tokenizer.get_tokenizer('world'), 100)
-    pictures = [s for s in doc if isinstance(s, data.Visual)]
+    pictures = [s for s in doc if isinstance(s, documents.Visual)]
     lines = [s for s in doc if isinstance(s, str)]
     assert len(pictures) == 4 and len(lines) == 3 and all(line.startswith('action: dx=') for line in lines)
     assert pictures[-1].target and pictures[0].latents.shape == (16, 192)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import data
+import documents
 import memory
 import pipeline
 import rae
@@ -52,12 +53,12 @@ def test_every_document_kind_builds_a_batch_at_224_with_14_pixel_patches(tmp_pat
     kinds = set()
     for row in range(2):
         for d in data.unpack(b, ds.tok, row):
-            n_visual = sum(isinstance(x, data.Visual) for x in d)
+            n_visual = sum(isinstance(x, documents.Visual) for x in d)
             kinds.add('clip' if n_visual == 5 else 'picture' if n_visual == 1 else 'text')
     assert kinds == {'clip', 'picture', 'text'}
     rng = np.random.default_rng(0)
-    clip = data.video_document('action', rng, 'train', 3, res=224)
-    small = data.video_document('action', np.random.default_rng(0), 'train', 3)
+    clip = documents.video_document('action', rng, 'train', 3, res=224)
+    small = documents.video_document('action', np.random.default_rng(0), 'train', 3)
     assert clip[1::2] == small[1::2]                                          # the same walk and action text
     assert all(v.image.shape == (224, 224, 3) for v in clip[::2])
 

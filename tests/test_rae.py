@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import documents
 import pretrained
 import rae
 import rae_score
@@ -269,7 +270,7 @@ def test_a_stage_stopped_midway_resumes_to_the_same_weights(tmp_path):
 def test_decoder_training_with_the_adversarial_loss_updates_the_critic(tmp_path):
     enc = rae.VitEncoder().fit(torch.rand(16, 3, 32, 32))
     model = rae.RAE(enc)
-    images = data.world_images('train', 16)
+    images = documents.world_images('train', 16)
     latents = enc.encode(data.image_tensor(images)).numpy()
     rae_train.train_decoder(model, latents, images, 2, 4, tmp_path / 'd.pt', gan_weight=0.5, gan_start=0)
     state = torch.load(tmp_path / 'd.pt', weights_only=True)['state']
@@ -280,7 +281,7 @@ def test_decoder_training_with_the_adversarial_loss_updates_the_critic(tmp_path)
 def test_latent_cache_holds_the_encoding_and_is_rebuilt_when_the_encoder_changes(tmp_path):
     enc = rae.PixelEncoder(32, 4).fit(torch.rand(8, 3, 32, 32))
     cache = data.latent_cache(enc, 'val', 20, tmp_path)
-    want = enc.encode(data.image_tensor(list(data.world_images('val', 20))))
+    want = enc.encode(data.image_tensor(list(documents.world_images('val', 20))))
     torch.testing.assert_close(torch.from_numpy(np.asarray(cache, np.float32)), want, atol=5e-3, rtol=1e-3)
     enc.encode = None                 # a second call reads the file: encoding again would fail
     assert np.array_equal(data.latent_cache(enc, 'val', 20, tmp_path), cache)

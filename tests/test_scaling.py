@@ -2,7 +2,6 @@
 of retraining (sweep.py)."""
 
 import json
-import math
 import os
 
 import numpy as np

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import data
+import documents
 import folders
 import parallel
 import pipeline
@@ -245,7 +246,7 @@ def test_bad_samples_are_skipped_counted_and_named_and_too_many_stop_with_one_se
     sd = dataset(cfg).shards
     sd.begin('train', 0, 0, '', None)
     docs = [sd.document('caption2image', 'train') for _ in range(24)]
-    assert all(isinstance(d[-1], data.Visual) and d[-1].image.shape == (RES, RES, 3) for d in docs)
+    assert all(isinstance(d[-1], documents.Visual) and d[-1].image.shape == (RES, RES, 3) for d in docs)
     state = sd.take_states()['image:0']
     err = capsys.readouterr().err
     assert state['bad'] == 4 and state['ok'] == 24         # corrupt, no caption, truncated, not a tar
@@ -327,11 +328,11 @@ def test_video_shards_give_video_and_action_documents_of_their_clips(tmp_path):
     sd.begin('train', 0, 0, '', None)
     actions = [sd.document('action', 'train') for _ in range(6)]
     for doc in actions:
-        assert [type(s) for s in doc] == [data.Visual, str] * 3 + [data.Visual] and doc[1].startswith('action: dx=')
+        assert [type(s) for s in doc] == [documents.Visual, str] * 3 + [documents.Visual] and doc[1].startswith('action: dx=')
         assert doc[-1].target and doc[0].image.shape == (RES, RES, 3) and doc[0].latents is None
     clips = [sd.document('video', 'train') for _ in range(8)]
     assert any(isinstance(d[0], str) and d[0] == text for d in clips)      # the movers' caption, then frames
-    assert sum(isinstance(s, data.Visual) for s in clips[0]) == 4
+    assert sum(isinstance(s, documents.Visual) for s in clips[0]) == 4
     assert sd.take_states()['video:0']['bad'] >= 1                         # the short clip, named once
 
 

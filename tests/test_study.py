@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import data
+import documents
 import study
 import tokenizer
 from conftest import run_script
@@ -72,7 +72,7 @@ def test_an_arm_with_added_data_trains_on_as_many_tokens_of_its_kind_as_the_arm_
     tok = tokenizer.get_tokenizer('world')
     mixed = 'qa=0.5,text=0.5'
     steps = study.equal_tokens('qa', 600, mixed, 'qa=1', tok)
-    share = data.token_shares(mixed, tok, 16, 5)['qa']
+    share = documents.token_shares(mixed, tok, 16, 5)['qa']
     assert 0.6 < share < 0.8 and steps * share == pytest.approx(600, rel=0.01)
 
 

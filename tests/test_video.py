@@ -228,6 +228,7 @@ def test_mp4_is_read_at_the_requested_rate_when_pyav_is_installed(tmp_path):
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import documents  # noqa: E402
 import eval as evaluation  # noqa: E402
 import rae  # noqa: E402
 import generate  # noqa: E402
@@ -239,18 +240,18 @@ ENC = rae.PixelEncoder(32, 8).fit(torch.rand(8, 3, 32, 32))   # 16 tokens x 192 
 
 def encoded(doc):
     for s in doc:
-        if isinstance(s, data.Visual):
+        if isinstance(s, documents.Visual):
             s.latents = ENC.encode(data.image_tensor([s.image]))[0]
     return doc
 
 
 def test_an_action_clip_is_one_noised_block_per_frame_each_seeing_only_the_past_and_its_action():
     tok = tokenizer.Tokenizer()
-    doc = encoded(data.video_document('action', np.random.default_rng(0), 'train', 3))
+    doc = encoded(documents.video_document('action', np.random.default_rng(0), 'train', 3))
     batch = data.pack([[doc]], tok, 128, ENC.n_tokens, ENC.d_latent)
     slots = [torch.nonzero(batch.block[0] == k).squeeze(1) for k in range(3)]
     frames = [slice(16 * k, 16 * (k + 1)) for k in range(3)]                     # each frame's latents, in order
-    targets = [v.target for v in doc if isinstance(v, data.Visual)]
+    targets = [v.target for v in doc if isinstance(v, documents.Visual)]
     assert all(len(s) == 16 for s in slots) and targets[-1]                     # the last frame is predicted
     assert [bool(batch.lat_target[f].all()) for f in frames] == targets
     assert all(torch.equal(batch.lat_idx[f], s) for f, s in zip(frames, slots))
@@ -267,13 +268,13 @@ def test_an_action_clip_is_one_noised_block_per_frame_each_seeing_only_the_past_
     assert all(float(t[f][0]) == 1 for f, target in zip(frames, targets) if not target)   # context is clean
     seen = set()
     for seed in range(20):                                       # both kinds of earlier frame occur
-        d = data.video_document('action', np.random.default_rng(seed), 'train', 3)
-        seen |= {v.target for v in d[:-1] if isinstance(v, data.Visual)}
+        d = documents.video_document('action', np.random.default_rng(seed), 'train', 3)
+        seen |= {v.target for v in d[:-1] if isinstance(v, documents.Visual)}
     assert seen == {True, False}
 
 
 def test_action_clips_of_the_val_split_walk_held_out_maps_and_their_text_parses_back():
-    doc = data.video_document('action', np.random.default_rng(5), 'val', 4)
+    doc = documents.video_document('action', np.random.default_rng(5), 'val', 4)
     rng = np.random.default_rng(5)
     ids = video.map_ids('heldout')
     frames, actions, _ = video.sample_trajectory(rng, ids[int(rng.integers(len(ids)))], 4)
@@ -371,10 +372,10 @@ def clip_and_picture_batch():
     (context): four visual blocks of 16 slots."""
     tok = tokenizer.Tokenizer()
     pics = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    clip = encoded([data.Visual(p, t) for p, t in zip(pics, (False, False, True))])
+    clip = encoded([documents.Visual(p, t) for p, t in zip(pics, (False, False, True))])
     clip.insert(1, video.format_action(1, 2))
     clip.insert(3, video.format_action(-1, 0))
-    qa = [data.Visual(None, False, torch.randn(ENC.n_tokens, ENC.d_latent)), 'q: how many? a: 1']
+    qa = [documents.Visual(None, False, torch.randn(ENC.n_tokens, ENC.d_latent)), 'q: how many? a: 1']
     return tok, data.pack([[clip, qa]], tok, 256, ENC.n_tokens, ENC.d_latent)
 
 
@@ -459,11 +460,11 @@ def test_world_model_scores_roll_out_with_the_rollout_noise_asked_for():
 def test_action_drop_leaves_out_action_texts_in_training_clips_only():
     kept = dropped = 0
     for seed in range(200):
-        base = data.video_document('action', np.random.default_rng(seed), 'train', 5)
-        doc = data.video_document('action', np.random.default_rng(seed), 'train', 5, action_drop=0.3)
-        frames = [s for s in doc if isinstance(s, data.Visual)]
+        base = documents.video_document('action', np.random.default_rng(seed), 'train', 5)
+        doc = documents.video_document('action', np.random.default_rng(seed), 'train', 5, action_drop=0.3)
+        frames = [s for s in doc if isinstance(s, documents.Visual)]
         assert len(frames) == 5 and all(np.array_equal(a.image, b.image) and a.target == b.target
-                                        for a, b in zip(frames, [s for s in base if isinstance(s, data.Visual)]))
+                                        for a, b in zip(frames, [s for s in base if isinstance(s, documents.Visual)]))
         texts = [s for s in doc if isinstance(s, str)]
         assert all(t in base for t in texts)          # the actions kept are the clip's own
         kept, dropped = kept + len(texts), dropped + 4 - len(texts)
