@@ -525,10 +525,11 @@ def torchrun(*args):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    """DDP, and FSDP2 (built on the meta device and initialised shard by shard, writing a sharded checkpoint
-    and resuming from it), on 2 processes x 1 micro-step against 1 process x 2 micro-steps: the same weights
-    after 3 steps and after a resume to 6, up to float summation order, and the same logged losses. In fp32:
-    under bf16 autocast a last-bit difference in a summed gradient can flip a weight's rounding to bf16."""
+    """DDP (6 steps at once), and FSDP2 (built on the meta device and initialised shard by shard, writing a
+    sharded checkpoint at 3 and resuming from it to 6), on 2 processes x 1 micro-step against 1 process x 2
+    micro-steps (3 steps, resumed to 6): the same weights, up to float summation order, and the same logged
+    losses. In fp32: under bf16 autocast a last-bit difference in a summed gradient can flip a weight's rounding
+    to bf16. (Two processes resuming a whole checkpoint: test_shards.py.)"""
     args = [*SMOKE, '--eval_interval=3', '--batch_size=2', '--dtype=float32']
     one, want = tmp_path / 'one', {}
     for max_iters, resume in ((3, []), (6, ['--init_from=resume'])):
@@ -536,9 +537,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         want[max_iters] = final_state(one)
     losses = lambda out: [round(json.loads(line)['loss'], 4) for line in open(out / 'log.jsonl') if '"loss"' in line]
-    for mode in ('ddp', 'fsdp'):
+    for mode, legs in (('ddp', ((6, []),)), ('fsdp', ((3, []), (6, ['--init_from=resume'])))):
         two = tmp_path / mode
-        for max_iters, resume in ((3, []), (6, ['--init_from=resume'])):
+        for max_iters, resume in legs:
             r = torchrun(*args, f'--max_iters={max_iters}', '--grad_accum=1', f'--out_dir={two}',
                          f'--fsdp={mode == "fsdp"}', *resume)
             assert r.returncode == 0, r.stderr[-3000:]

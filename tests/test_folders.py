@@ -16,7 +16,7 @@ import rae
 import tokenizer
 import video
 import world
-from conftest import run_script, run_train
+from conftest import run_main, run_script, run_train
 
 SMOKE_FOLDER = ['config/smoke.py', '--max_iters=4', '--eval_interval=4', '--eval_batches=1',
                 '--mixture=caption2image=0.5,image2caption=0.5']
@@ -108,21 +108,19 @@ def test_a_folder_with_a_corrupt_picture_trains_names_it_once_and_new_pictures_r
     assert r.returncode == 0 and (tmp_path / 's' / 't2i.png').exists(), r.stderr[-2000:]
 
 
-@pytest.mark.slow
 def test_a_folder_of_mostly_bad_files_stops_with_one_sentence(tmp_path):
     folder = tmp_path / 'pics'
     folder.mkdir()
     for i in range(5):
         iio.imwrite(folder / f'p{i}.png', np.zeros((8, 8, 3), np.uint8))   # no captions at all
-    r = run_train(*SMOKE_FOLDER, f'--image_folder={folder}', f'--out_dir={tmp_path}')
+    r = run_main('train.py', *SMOKE_FOLDER, f'--image_folder={folder}', f'--out_dir={tmp_path}')
     assert r.returncode != 0 and 'no usable pictures' in r.stderr and 'Traceback' not in r.stderr
-    r = run_train(*SMOKE_FOLDER, f'--image_folder={tmp_path / "nowhere"}', f'--out_dir={tmp_path}')
+    r = run_main('train.py', *SMOKE_FOLDER, f'--image_folder={tmp_path / "nowhere"}', f'--out_dir={tmp_path}')
     assert r.returncode != 0 and 'is not a folder' in r.stderr and 'Traceback' not in r.stderr
 
 
-@pytest.mark.slow
 def test_question_documents_need_the_world_and_are_refused_with_an_image_folder(tmp_path):
-    r = run_train('config/smoke.py', f'--image_folder={tmp_path}', '--mixture=caption2image=0.5,qa=0.5')
+    r = run_main('train.py', 'config/smoke.py', f'--image_folder={tmp_path}', '--mixture=caption2image=0.5,qa=0.5')
     assert r.returncode != 0 and "question documents need the world's scenes" in r.stderr
 
 

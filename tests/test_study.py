@@ -8,7 +8,7 @@ import pytest
 import documents
 import study
 import tokenizer
-from conftest import run_script
+from conftest import run_main, run_script
 
 
 def row(**numbers):
@@ -92,11 +92,10 @@ def test_a_study_runs_every_arm_writes_its_table_and_a_second_run_trains_nothing
     assert r.returncode == 0 and '0 to train' in r.stdout
 
 
-@pytest.mark.slow
 def test_study_refuses_an_unknown_study_and_knobs_it_sets_per_arm():
-    r = run_script('study.py', 'encoder')
+    r = run_main('study.py', 'encoder')
     assert r.returncode != 0 and 'name one study' in r.stderr
-    r = run_script('study.py', 'moe', '--max_iters=5')
+    r = run_main('study.py', 'moe', '--max_iters=5')
     assert r.returncode != 0 and 'sets max_iters for each arm' in r.stderr and 'Traceback' not in r.stderr
-    r = run_script('study.py', 'world', '--arms=clips_7')
+    r = run_main('study.py', 'world', '--arms=clips_7')
     assert r.returncode != 0 and 'no arm clips_7 in this study' in r.stderr and 'Traceback' not in r.stderr
