@@ -116,6 +116,11 @@ def test_resume_allows_what_may_change_and_refuses_what_may_not():
 # -----------------------------------------------------------------------------
 # bad input: one sentence, before any long work
 
+def test_muon_lr_without_muon_is_refused_rather_than_ignored(tmp_path):
+    r = run_main('train.py', '--muon_lr=0.01', f'--out_dir={tmp_path}')
+    assert refused(r, 'add --optimizer=muon or leave muon_lr out')
+
+
 def test_a_mixture_typo_is_refused_in_seconds_before_any_rae_work(tmp_path):
     t0 = time.time()
     r = run_main('train.py', '--mixture=text=1,bogus=1', f'--cache_dir={tmp_path / "cache"}')
