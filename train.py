@@ -105,7 +105,7 @@ def check_loop_knobs(cfg):
         fail("optimizer=muon needs a positive muon_lr and whole matrices (not fsdp=True)")
     if cfg['optimizer'] != 'muon' and cfg['muon_lr'] != muon_lr:   # a knob that would change nothing
         fail(f"muon_lr is Muon's rate and this run's optimizer is {cfg['optimizer']}: add --optimizer=muon or "
-             f"leave muon_lr out")
+             "leave muon_lr out")
     if cfg['schedule'] not in ('cosine', 'wsd') or not 0 < cfg['cooldown'] <= 1:
         fail(f"schedule must be cosine or wsd and cooldown in (0, 1], got {cfg['schedule']!r}, {cfg['cooldown']}")
     if cfg['init_from'] not in ('scratch', 'resume'):
